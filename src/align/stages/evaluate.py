@@ -1,0 +1,103 @@
+"""Eval stage: score each target (the base model and/or earlier stages' outputs) on the recipe's tasks.
+
+config -> data -> model -> score -> save -> metrics. Targets default to the base model and the
+previous policy stage, so a recipe ends with a before/after comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from align.data import check_format, is_local, load_rows, peek_rows, texts_of
+from align.errors import RecipeError
+
+
+def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
+    return [
+        (f"{path}.tasks[{j}].stride", f"stride {t.stride} is larger than max_length {t.max_length}")
+        for j, t in enumerate(stage.tasks)
+        if t.stride > t.max_length
+    ]
+
+
+def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for task in sp.stage.tasks:
+        spec = plan.recipe.datasets[task.data]
+        if not is_local(spec.path):
+            plan.warnings.append(f"dataset `{task.data}`: hub id `{spec.path}` is checked when the stage loads it")
+            continue
+        try:
+            rows = peek_rows(spec.path)
+        except RecipeError as e:
+            problems += [(f"datasets.{task.data}.{p}", m) for p, m in e.problems]
+            continue
+        problems += check_format(rows, spec, "eval", f"datasets.{task.data}")[1]
+    return problems
+
+
+def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
+    import torch
+
+    from align.evaluation.perplexity import perplexity
+    from align.models import load_for_inference, load_tokenizer
+    from align.pipeline import input_artifact, write_common
+
+    stage, recipe = sp.stage, plan.recipe
+    # config
+    write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "targets": sp.inputs})
+    tokenizer = load_tokenizer(Path(plan.base.path), chat_template=recipe.model.chat_template)
+    # data
+    texts = {}
+    for task in stage.tasks:
+        spec = recipe.datasets[task.data]
+        fmt = check_format(peek_rows(spec.path), spec, "eval", task.data)[0] if is_local(spec.path) else "text"
+        ds = load_rows(spec)
+        if task.max_samples:
+            ds = ds.select(range(min(task.max_samples, len(ds))))
+        texts[task.data] = texts_of(ds, fmt, tokenizer)
+    # model -> score, one target at a time (only one model in memory)
+    results: dict[str, dict[str, Any]] = {}
+    for target in sp.inputs:
+        model = load_for_inference(input_artifact(plan, target), dtype=recipe.model.dtype)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        for task in stage.tasks:
+            r = perplexity(
+                model,
+                tokenizer,
+                texts[task.data],
+                max_length=task.max_length,
+                stride=task.stride,
+                batch_size=stage.batch_size,
+            )
+            results.setdefault(target, {})[f"perplexity/{task.data}"] = {
+                "value": r.perplexity,
+                "nll": r.nll,
+                "tokens": r.tokens,
+                "texts": r.texts,
+            }
+        del model
+    # save + metrics
+    metrics = {"schema": 1, "targets": results}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "summary.md").write_text(summary_table(results))
+    print(summary_table(results), flush=True)
+    return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": metrics}
+
+
+def summary_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per metric, one column per target, plus the change from the first target."""
+    targets = list(results)
+    metrics = list(dict.fromkeys(m for r in results.values() for m in r))
+    head = "| metric | " + " | ".join(targets) + (" | change |" if len(targets) > 1 else " |")
+    lines = [head, "|" + "---|" * (len(targets) + 1 + (len(targets) > 1))]
+    for m in metrics:
+        vals = [results[t].get(m, {}).get("value") for t in targets]
+        cells = [f"{v:.3f}" if v is not None else "-" for v in vals]
+        change = ""
+        if len(targets) > 1 and None not in (vals[0], vals[-1]) and vals[0]:
+            change = f" {100 * (vals[-1] - vals[0]) / vals[0]:+.1f}% |"
+        lines.append(f"| {m} | " + " | ".join(cells) + " |" + change)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,111 @@
+"""The one module that imports TRL's fast-moving APIs, and checks recipe values against its config classes.
+
+Tested with trl 1.16 (see pyproject.toml for the pinned range). Other modules import trainers and
+config classes from here, so a TRL rename is mended in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any
+
+from trl import SFTConfig, SFTTrainer
+
+from align.errors import did_you_mean
+
+__all__ = ["SFTConfig", "SFTTrainer", "check_trainer_args", "trainer_field_names"]
+
+# Fields align sets itself from the run directory and the stage; the recipe may not set them.
+RESERVED = {
+    "output_dir": "align writes to runs/<run>/<stage>/; set `output_dir` at the top of the recipe instead",
+    "resume_from_checkpoint": "align resumes interrupted stages by itself; use `align run --force STAGE` to restart",
+    "hub_model_id": "pushing is a stage of its own",
+    "push_to_hub": "pushing is a stage of its own",
+}
+
+
+def trainer_field_names(config_cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_cls) if f.init]
+
+
+def check_trainer_args(args: dict[str, Any], config_cls: type, path: str) -> list[tuple[str, str]]:
+    """Report unknown names (with the closest TRL name) and values of the wrong type, all at once."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    problems = []
+    for key, value in args.items():
+        where = f"{path}.{key}"
+        if key in RESERVED:
+            problems.append((where, f"not allowed here: {RESERVED[key]}"))
+        elif key not in fields:
+            problems.append((where, f"unknown {config_cls.__name__} field{did_you_mean(key, fields)}"))
+        else:
+            expected = _type_name(fields[key].type)
+            if not _matches(fields[key].type, value):
+                problems.append((where, f"expected {expected}, got {value!r} ({type(value).__name__})"))
+    return problems
+
+
+def coerce_trainer_args(args: dict[str, Any], config_cls: type) -> dict[str, Any]:
+    """YAML reads `2e-5` as a string (no dot); turn numeric strings into numbers where TRL wants a number."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    out = dict(args)
+    for k, v in args.items():
+        if isinstance(v, str) and k in fields and _accepts(fields[k].type, float) and not _accepts(fields[k].type, str):
+            with contextlib.suppress(ValueError):
+                out[k] = int(v) if _accepts(fields[k].type, int) and v.lstrip("-").isdigit() else float(v)
+    return out
+
+
+def _accepts(tp: Any, base: type) -> bool:
+    if tp is base:
+        return True
+    return any(_accepts(a, base) for a in typing.get_args(tp)) if _is_union(tp) else False
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _matches(tp: Any, value: Any) -> bool:
+    """A forgiving structural type check: catches `learning_rate: fast`, not every subtlety."""
+    if tp is Any or isinstance(tp, str | typing.TypeVar):
+        return True
+    if _is_union(tp):
+        return any(_matches(a, value) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                float(value)
+                return True
+            except ValueError:
+                return False
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp} or value in {m.name for m in tp}
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        return isinstance(value, list | tuple)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    name = getattr(tp, "__name__", None)
+    return name if name and not _is_union(tp) else str(tp).replace("typing.", "")
