@@ -93,10 +93,12 @@ def detect_format(columns: set[str]) -> str | None:
     return None
 
 
-def check_format(rows: list[dict[str, Any]], spec: Any, stage_type: str, field: str) -> tuple[str, list[str]]:
+def check_format(
+    rows: list[dict[str, Any]], spec: Any, stage_type: str, field: str
+) -> tuple[str, list[tuple[str, str]]]:
     """Return (format, problems) for the first rows of a dataset used by a stage."""
     if not rows:
-        return "?", [f"{field}: the dataset is empty"]
+        return "?", [(field, "the dataset is empty")]
     renamed = [{spec.columns.get(k, k): v for k, v in r.items()} for r in rows]
     cols = set(renamed[0])
     fmt = detect_format(cols) if spec.format == "auto" else spec.format
@@ -104,18 +106,21 @@ def check_format(rows: list[dict[str, Any]], spec: Any, stage_type: str, field: 
     if fmt is None:
         hints = "; ".join(f"{k}: {', '.join(v)}" for k, v in REQUIRED.items() if k in allowed)
         return "?", [
-            f"{field}: cannot tell the data format from columns {sorted(cols)}; a `{stage_type}` stage needs one of "
-            f"({hints}). Rename columns with `columns: {{their_name: our_name}}` or set `format:`"
+            (
+                field,
+                f"cannot tell the data format from columns {sorted(cols)}; a `{stage_type}` stage needs one of "
+                f"({hints}). Rename columns with `columns: {{their_name: our_name}}` or set `format:`",
+            )
         ]
     missing = [c for c in REQUIRED[fmt] if c not in cols]
     if missing:
-        return fmt, [f"{field}: format `{fmt}` needs column(s) {missing}; the data has {sorted(cols)}"]
+        return fmt, [(field, f"format `{fmt}` needs column(s) {missing}; the data has {sorted(cols)}")]
     if fmt not in allowed:
-        return fmt, [f"{field}: a `{stage_type}` stage takes {', '.join(allowed)} data, not `{fmt}`"]
+        return fmt, [(field, f"a `{stage_type}` stage takes {', '.join(allowed)} data, not `{fmt}`")]
     if fmt == "messages":
         msgs = renamed[0]["messages"]
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs)):
-            return fmt, [f"{field}: `messages` must be a list of {{role, content}} mappings"]
+            return fmt, [(field, "`messages` must be a list of {role, content} mappings")]
     return fmt, []
 
 

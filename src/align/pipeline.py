@@ -142,7 +142,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, ma
                 break
             input_ids.append({"stage": src, "output_sha256": info["output_sha256"]})
         if input_ids is None:
-            sp.status, sp.detail = "pending", "after its inputs are rebuilt"
+            sp.status, sp.detail = "pending", f"waits for {', '.join(s for s in sp.inputs if s != 'base')}"
             continue
         ident = {
             "align": __version__,
@@ -174,7 +174,9 @@ def latest_checkpoint(sp: StagePlan) -> Path | None:
     marker = sp.partial_dir / "fingerprint"
     if not marker.is_file() or marker.read_text().strip() != sp.fingerprint:
         return None
-    cks = sorted((sp.partial_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    # a checkpoint counts once the trainer wrote its state (last): a kill mid-save leaves an incomplete one
+    cks = [c for c in (sp.partial_dir / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    cks.sort(key=lambda p: int(p.name.split("-")[-1]))
     return cks[-1] if cks else None
 
 
@@ -187,6 +189,8 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
     if unknown:
         raise RecipeError(f"no stage named {sorted(unknown)}", "--force")
     check_writable(plan.run_dir)
+    if plan.base.path is None:  # convert the embedded model or download from the hub once, before any stage
+        plan.base = resolve_model(plan.recipe.model.name_or_path, plan.recipe.model.revision, materialize=True)
     rows = []
     with run_lock(plan.run_dir):
         for i, sp in enumerate(plan.stages):

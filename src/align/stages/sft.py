@@ -23,6 +23,7 @@ from align.trl_compat import SFTConfig, check_trainer_args, coerce_trainer_args
 SFT_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "logging_steps": 1,  # the NaN guard and train_log.jsonl see every step
+    "logging_nan_inf_filter": False,  # transformers would hide a NaN loss from the log (and our guard)
     "save_strategy": "steps",
     "save_steps": 20,  # frequent, cheap adapter checkpoints make kill-and-resume lose little
     "save_total_limit": 2,
@@ -186,6 +187,10 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         kw["quantization_config"] = _qlora_config(plan, stage)
     if source["kind"] == "model":
         model = load_causal_lm(Path(source["path"]), dtype=dtype, **kw)
+        if "quantization_config" in kw and not torch.cuda.is_available():
+            from align.quantization import keep_4bit_train_layout
+
+            keep_4bit_train_layout(model)  # else an eval forward repacks weights into a layout with no backward
     else:  # an earlier stage's adapter: fold it into its base, then adapt again
         model = load_for_inference(source, dtype=dtype).merge_and_unload()
     if model.generation_config is not None and tokenizer.pad_token_id is not None:
@@ -271,7 +276,7 @@ def _qlora_config(plan: Any, stage: Any) -> Any:
 
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if not torch.cuda.is_available():
-        res = check_qlora_gradients(str(plan.base.path), stage.adapter.target_modules)
+        res = check_qlora_gradients(str(plan.base.path), stage.adapter.target_modules, keep_train_layout=True)
         print(f"[align] QLoRA gradient check on CPU: max relative error {res.max_rel_err:.2e} ({res.detail})")
         if not res.ok and not stage.allow_cpu_qlora:
             raise RecipeError(
@@ -310,17 +315,17 @@ class _Guard(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         logs = logs or {}
+        bad = [k for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))]
+        if bad:  # raised before this step's checkpoint is saved, so every kept checkpoint is good
+            kept = sorted((self.work / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            raise NonFiniteLoss(
+                f"{' and '.join(bad)} became {logs[bad[0]]} at step {state.global_step}; stopped. The last good "
+                f"checkpoint ({kept[-1].name if kept else 'none yet'}) is kept in {self.work}. "
+                "Lower `train.learning_rate` or check the data"
+            )
         if "loss" in logs:
-            loss = float(logs["loss"])
-            if not math.isfinite(loss):
-                kept = sorted((self.work / "checkpoints").glob("checkpoint-*"))
-                raise NonFiniteLoss(
-                    f"loss became {loss} at step {state.global_step}; stopped. The last good checkpoint "
-                    f"({kept[-1].name if kept else 'none yet'}) is kept in {self.work}. "
-                    "Lower `train.learning_rate` or check the data"
-                )
-            self.first_loss = loss if self.first_loss is None else self.first_loss
-            self.last_loss = loss
+            self.first_loss = float(logs["loss"]) if self.first_loss is None else self.first_loss
+            self.last_loss = float(logs["loss"])
         if state.is_world_process_zero:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("a") as fh:

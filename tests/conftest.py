@@ -1,0 +1,154 @@
+"""Tiny models and data built locally, so the suite runs offline on a CPU in minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Convert 3 meters to centimeters. 3 meters is 300 centimeters.",
+    "The sum of 12 and 7 is 19. Add the two numbers and answer in one sentence.",
+    "Spell the word apple letter by letter: A-P-P-L-E.",
+    "### Instruction:\n### Input:\n### Response:\n user assistant system",
+] * 20
+
+
+def build_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    if chat:
+        fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer llama with hidden size 32 and a ChatML tokenizer, saved as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer(chat=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 (fused `c_attn`) whose tokenizer has no chat template."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = build_tokenizer(chat=False)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=512,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def alpaca_rows(n: int = 48) -> list[dict]:
+    return [
+        {
+            "instruction": f"Convert {i} meters to centimeters.",
+            "input": "",
+            "output": f"{i} meters is {i * 100} centimeters.",
+        }
+        for i in range(n)
+    ]
+
+
+def write_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    recipe.setdefault("output_dir", str(tmp / "runs"))
+    p = tmp / name
+    p.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return p
+
+
+def sft_recipe(tmp: Path, model: Path, **stage_kw) -> dict:
+    """A two-stage recipe (LoRA SFT, then before/after perplexity) on tiny data."""
+    write_jsonl(tmp / "train.jsonl", alpaca_rows())
+    write_jsonl(tmp / "held.jsonl", alpaca_rows(8))
+    sft = {
+        "name": "sft",
+        "type": "sft",
+        "data": "train",
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "save_steps": 2,
+            "max_length": 64,
+        },
+        "launch": {"mode": "python"},
+    }
+    sft.update(stage_kw)
+    return {
+        "name": "tiny",
+        "model": str(model),
+        "datasets": {"train": {"path": str(tmp / "train.jsonl")}, "held": {"path": str(tmp / "held.jsonl")}},
+        "stages": [sft, {"name": "ppl", "type": "eval", "tasks": [{"type": "perplexity", "data": "held"}]}],
+    }
+
+
+def align(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )

@@ -1,0 +1,186 @@
+"""End-to-end runs on tiny local models: artifacts, skip, resume, change detection, safety stops."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import align, sft_recipe, write_jsonl, write_recipe
+
+SFT_FILES = {
+    "stage.json",
+    "config.yaml",
+    "inputs.json",
+    "versions.json",
+    "metrics.json",
+    "train_log.jsonl",
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+    "adapter/tokenizer.json",
+    "adapter/tokenizer_config.json",
+    "adapter/chat_template.jinja",
+    "adapter/README.md",
+}
+EVAL_FILES = {"stage.json", "config.yaml", "inputs.json", "versions.json", "metrics.json", "summary.md"}
+
+
+def files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def stage_json(run: Path, stage: str) -> dict:
+    return json.loads((run / stage / "stage.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_llama):
+    """One full run of the two-stage recipe (LoRA SFT under a real `accelerate launch`, then eval)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    recipe = sft_recipe(tmp, tiny_llama, launch={"mode": "accelerate", "accelerate_config": "cpu"})
+    path = write_recipe(tmp, recipe)
+    res = align("run", str(path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp, path, res
+
+
+def test_sft_writes_the_exact_artifact_set(finished):
+    tmp, _, _ = finished
+    run = tmp / "runs" / "tiny"
+    assert files(run / "sft") == SFT_FILES
+    assert files(run / "ppl") == EVAL_FILES
+    assert not (run / ".partial" / "sft").exists()
+    info = stage_json(run, "sft")
+    assert info["output"] == {"kind": "adapter", "path": "adapter", "base": info["output"]["base"]}
+    assert len(info["fingerprint"]) == 16 and len(info["output_sha256"]) == 64
+    inputs = json.loads((run / "sft" / "inputs.json").read_text())
+    assert len(next(iter(inputs["data"]["train"]["path_sha256"].values()))) == 64
+    assert "trl" in json.loads((run / "sft" / "versions.json").read_text())
+
+
+def test_sft_learns(finished):
+    tmp, _, res = finished
+    m = stage_json(tmp / "runs" / "tiny", "sft")["metrics"]
+    assert math.isfinite(m["first_loss"]) and math.isfinite(m["last_loss"])
+    assert m["last_loss"] < m["first_loss"]
+    assert m["steps"] == 6 and m["trainable_tensors_changed"] > 0 and m["tokens_seen"] > 0
+    log = [json.loads(x) for x in (tmp / "runs" / "tiny" / "sft" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    ev = stage_json(tmp / "runs" / "tiny", "ppl")["metrics"]["targets"]
+    assert set(ev) == {"base", "sft"}
+    assert ev["sft"]["perplexity/held"]["value"] < ev["base"]["perplexity/held"]["value"]
+    assert "perplexity/held" in res.stdout and "loss" in res.stdout  # the closing summary
+
+
+def test_second_run_skips_everything(finished):
+    tmp, path, _ = finished
+    before = (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime
+    res = align("run", str(path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sft: done, skipped" in res.stdout and "ppl: done, skipped" in res.stdout
+    assert (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime == before
+    plan = align("plan", str(path))
+    assert "2 of 2 stages done" in plan.stdout
+
+
+def test_changed_eval_reruns_only_eval(finished):
+    tmp, path, _ = finished
+    sft_before = (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime
+    res = align("run", str(path), "stages.ppl.tasks.0.stride=128", "stages.ppl.tasks.0.max_length=128")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sft: done, skipped" in res.stdout and "ppl: running (changed" in res.stdout
+    assert (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime == sft_before
+
+
+def test_force_reruns_stage_and_downstream(finished):
+    tmp, path, _ = finished
+    res = align("run", str(path), "--force", "sft")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sft: running (forced" in res.stdout and "ppl: running" in res.stdout
+
+
+def test_kill_during_sft_then_resume(tmp_path, tiny_llama):
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    recipe["stages"] = recipe["stages"][:1]
+    recipe["stages"][0]["train"].update(max_steps=400, save_steps=3)
+    path = write_recipe(tmp_path, recipe)
+    ck_dir = tmp_path / "runs" / "tiny" / ".partial" / "sft" / "checkpoints"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((c / "trainer_state.json").is_file() for c in ck_dir.glob("checkpoint-*")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # orchestrator and stage process, no chance to clean up
+    proc.wait()
+    kept = sorted(int(c.name.split("-")[1]) for c in ck_dir.glob("checkpoint-*"))
+    assert kept, "no checkpoint was written before the kill"
+    assert not (tmp_path / "runs" / "tiny" / "sft" / "stage.json").exists()
+    assert "resumable" in align("plan", str(path)).stdout
+    res = align("run", str(path), "stages.sft.train.max_steps=400")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = stage_json(tmp_path / "runs" / "tiny", "sft")["metrics"]
+    assert m["resumed_from"] is not None and int(m["resumed_from"].split("-")[1]) >= kept[0]
+    assert m["steps"] == 400
+
+
+def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama):
+    recipe = sft_recipe(tmp_path, tiny_llama, adapter={"type": "full"})
+    recipe["stages"] = recipe["stages"][:1]
+    recipe["stages"][0]["train"].update(learning_rate=1e12, max_steps=30, max_grad_norm=0)
+    res = align("run", str(write_recipe(tmp_path, recipe)))
+    assert res.returncode == 1
+    assert "became nan at step" in res.stderr.lower() and "checkpoint" in res.stderr
+    assert not (tmp_path / "runs" / "tiny" / "sft").exists()
+
+
+def test_unwritable_run_folder_fails_before_training(tmp_path, tiny_llama):
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    recipe["output_dir"] = str(blocker / "runs")
+    res = align("run", str(write_recipe(tmp_path, recipe)))
+    assert res.returncode == 2 and "cannot write the run folder" in res.stderr
+    assert "sft: running" not in res.stdout
+
+
+def test_gpt2_lora_c_attn_example_and_merge(tmp_path, tiny_gpt2):
+    """The seed course's LoRA example (r=8, alpha=16, dropout 0.1, c_attn) as a recipe, merged at the end."""
+    from align.recipe import load_recipe
+
+    example = Path(__file__).resolve().parents[1] / "recipes" / "examples" / "gpt2_lora_c_attn.yaml"
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(40)])
+    ov = [
+        f"model={tiny_gpt2}",
+        f"datasets.alpaca.path={tmp_path / 'a.jsonl'}",
+        f"output_dir={tmp_path / 'runs'}",
+        "stages.sft.train.max_steps=4",
+        "stages.sft.train.max_length=64",
+        "stages.sft.merge=true",
+        "stages.sft.launch.mode=python",
+    ]
+    spec = load_recipe(example, ov).stages[0].adapter
+    assert (spec.r, spec.alpha, spec.dropout, spec.target_modules) == (8, 16, 0.1, ["c_attn"])
+    res = align("run", str(example), *ov)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "runs" / "gpt2-lora-c-attn" / "sft"
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]) == (8, 16, 0.1, ["c_attn"])
+    assert (out / "merged" / "model.safetensors").is_file()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), out / "adapter").eval()
+    assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
