@@ -184,3 +184,37 @@ def test_gpt2_lora_c_attn_example_and_merge(tmp_path, tiny_gpt2):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), out / "adapter").eval()
     assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
+def test_qlora_trains_on_cpu_after_the_gradient_check(tmp_path, tiny_llama):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the `qlora` extra)")
+    recipe = sft_recipe(tmp_path, tiny_llama, adapter={"type": "qlora", "r": 4, "alpha": 8})
+    recipe["stages"] = recipe["stages"][:1]
+    res = align("run", str(write_recipe(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "QLoRA gradient check on CPU" in res.stdout
+    m = stage_json(tmp_path / "runs" / "tiny", "sft")["metrics"]
+    assert m["trainable_tensors_changed"] > 0 and m["last_loss"] < m["first_loss"]
+
+
+def test_dora_on_chat_messages_with_a_held_out_split(tmp_path, tiny_llama):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {i}"},
+                {"role": "assistant", "content": f"{i} it is."},
+                {"role": "user", "content": "Again"},
+                {"role": "assistant", "content": f"{i}."},
+            ]
+        }
+        for i in range(40)
+    ]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    recipe = sft_recipe(tmp_path, tiny_llama, adapter={"type": "dora", "r": 4, "alpha": 8}, data="chat")
+    recipe["datasets"]["chat"] = {"path": str(tmp_path / "chat.jsonl"), "eval_fraction": 0.1}
+    recipe["stages"] = recipe["stages"][:1]
+    res = align("run", str(write_recipe(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny" / "sft"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    assert math.isfinite(stage_json(tmp_path / "runs" / "tiny", "sft")["metrics"]["eval_loss"])
