@@ -218,3 +218,36 @@ def test_dora_on_chat_messages_with_a_held_out_split(tmp_path, tiny_llama):
     out = tmp_path / "runs" / "tiny" / "sft"
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
     assert math.isfinite(stage_json(tmp_path / "runs" / "tiny", "sft")["metrics"]["eval_loss"])
+
+
+def test_hub_dataset_without_network_fails_fast(tmp_path, tiny_llama):
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    recipe["datasets"]["train"] = {"path": "someone/not-a-cached-dataset"}
+    t0 = time.time()
+    res = align("run", str(write_recipe(tmp_path, recipe)))
+    assert res.returncode == 2 and "cannot reach hub dataset `someone/not-a-cached-dataset`" in res.stderr
+    assert "datasets.train.path" in res.stderr and time.time() - t0 < 60
+    assert "sft: running" not in res.stdout
+
+
+def test_ctrl_c_checkpoints_and_resumes(tmp_path, tiny_llama):
+    """SIGINT to `align run` (as Ctrl-C sends) under a real accelerate launch: exit 130, resumable state."""
+    recipe = sft_recipe(tmp_path, tiny_llama, launch={"mode": "accelerate", "accelerate_config": "cpu"})
+    recipe["stages"] = recipe["stages"][:1]
+    recipe["stages"][0]["train"].update(max_steps=100000, save_steps=100000)
+    path = write_recipe(tmp_path, recipe)
+    log = tmp_path / "train_log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align", "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    out_log = tmp_path / "runs" / "tiny" / ".partial" / "sft" / "out" / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out_log.is_file() and len(out_log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    log.write_text(out)
+    assert proc.returncode == 130, out[-3000:]
+    cks = list((tmp_path / "runs" / "tiny" / ".partial" / "sft" / "checkpoints").glob("checkpoint-*"))
+    assert cks and all((c / "trainer_state.json").is_file() for c in cks), "Ctrl-C saves a checkpoint"
+    assert "resumable" in align("plan", str(path)).stdout

@@ -191,6 +191,7 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
     check_writable(plan.run_dir)
     if plan.base.path is None:  # convert the embedded model or download from the hub once, before any stage
         plan.base = resolve_model(plan.recipe.model.name_or_path, plan.recipe.model.revision, materialize=True)
+    check_hub_datasets(plan)
     rows = []
     with run_lock(plan.run_dir):
         for i, sp in enumerate(plan.stages):
@@ -244,6 +245,30 @@ def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
         raise RecipeError(f"stage `{sp.name}` rejected its input (see the message above)", sp.name)
     if code != 0:
         raise StageFailed(f"stage `{sp.name}` failed (exit {code}); its partial state is in {sp.partial_dir}")
+
+
+def check_hub_datasets(plan: Plan) -> None:
+    """A hub dataset that is neither cached nor reachable fails here, in seconds, not inside a stage."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    from align.data import is_local
+
+    for name, spec in plan.recipe.datasets.items():
+        if is_local(spec.path):
+            continue
+        try:
+            snapshot_download(spec.path, repo_type="dataset", local_files_only=True)
+            continue
+        except Exception:
+            pass
+        try:
+            HfApi().dataset_info(spec.path, timeout=10)
+        except Exception as e:
+            raise RecipeError(
+                f"cannot reach hub dataset `{spec.path}` ({type(e).__name__}); without network, download it "
+                "elsewhere and point `path` at the local files",
+                f"datasets.{name}.path",
+            ) from None
 
 
 def accelerate_config(launch: Any) -> Path:
