@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns on import that an optional CPU kernel package is missing; it is optional.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         if args.command == "plan":
             return cmd_plan(args)

@@ -114,6 +114,7 @@ def read_stage_json(folder: Path) -> dict[str, Any] | None:
 def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, materialize: bool = False) -> Plan:
     """Validate the recipe and compute every stage's fingerprint and status. Loads no weights."""
     from align.recipe import load_recipe
+    from align.stages import module as stage_module
     from align.stages import plan_checks
 
     overrides = list(overrides or [])
@@ -150,6 +151,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, ma
             "model": recipe.model.model_dump(mode="json", exclude={"name_or_path", "revision"}),
             "seed": recipe.seed,
             "inputs": input_ids,
+            "resolved": stage_module(st.type).resolved_config(plan, sp),  # align's defaults count too
             "data": {n: dataset_identity(recipe.datasets[n]) for n in sorted(_stage_datasets(st))},
         }
         sp.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

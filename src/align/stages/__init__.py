@@ -3,6 +3,7 @@ config -> data -> model -> trainer -> train -> save -> metrics, and exposes the 
 
     check_args(stage, path) -> problems      static checks of the stage's own fields (no files touched)
     check(plan, sp) -> problems              plan-time checks: files, columns, tokenizer, hardware
+    resolved_config(plan, sp) -> dict        defaults align adds beyond the recipe (part of the fingerprint)
     run(plan, sp, out) -> record | None      the work; returns what goes into stage.json (main process)
 """
 

@@ -38,6 +38,10 @@ def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
     return problems
 
 
+def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
+    return {}
+
+
 def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
     import torch
 

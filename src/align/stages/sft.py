@@ -27,7 +27,7 @@ SFT_DEFAULTS: dict[str, Any] = {
     "save_strategy": "steps",
     "save_steps": 20,  # frequent, cheap adapter checkpoints make kill-and-resume lose little
     "save_total_limit": 2,
-    "gradient_checkpointing": False,  # recompute costs ~30% speed; turn on for models that do not fit
+    "activation_checkpointing": False,  # recompute costs ~30% speed; turn on for models that do not fit
     "packing": True,  # best-fit-decreasing packing, padding-free: no compute spent on pad tokens
     "include_num_input_tokens_seen": "non_padding",
     "dataloader_num_workers": 0,
@@ -132,6 +132,11 @@ def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
     if args.get("eval_strategy", "no") != "no" and stage.eval_data is None and not _has_eval_split(plan, stage):
         args["eval_strategy"] = "no"  # nothing to evaluate on; checked in check()
     return args
+
+
+def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
+    """What the fingerprint records beyond the recipe: the trainer arguments after align's defaults."""
+    return {k: v for k, v in resolved_train_args(plan, sp, Path(".")).items() if k != "output_dir"}
 
 
 def _has_eval_split(plan: Any, stage: Any) -> bool:
