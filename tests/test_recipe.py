@@ -243,3 +243,12 @@ def test_alpaca_rows_fixture_is_alpaca():
     from align.data import detect_format
 
     assert detect_format(set(alpaca_rows(1)[0])) == "alpaca"
+
+
+def test_schema_and_trainer_errors_are_reported_together(tmp_path, good, capsys):
+    good["datasets"]["train"]["pth"] = good["datasets"]["train"].pop("path")
+    good["stages"][0]["train"]["num_train_epoch"] = 1
+    good["stages"][1]["tasks"][0]["strid"] = 3
+    err = plan_error(tmp_path, good, capsys)
+    assert "datasets.train.pth" in err and "did you mean `path`" in err
+    assert "did you mean `num_train_epochs`" in err and "did you mean `stride`" in err

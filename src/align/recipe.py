@@ -296,7 +296,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_explain(e, data)) from None
+        raise RecipeError(_explain(e, data) + _raw_train_problems(data)) from None
     from align.stages import check_stage_args  # late import: pulls in TRL's config classes
 
     problems = []
@@ -305,6 +305,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if problems:
         raise RecipeError(problems)
     return recipe
+
+
+def _raw_train_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Trainer-argument problems too, when the schema already failed, so every error is reported at once."""
+    from align.stages import module
+
+    out = []
+    for i, st in enumerate(data.get("stages") or []):
+        if isinstance(st, dict) and st.get("type") in STAGE_TYPES and isinstance(st.get("train"), dict):
+            cls = getattr(module(st["type"]), "TRAINER_CONFIG", None)
+            if cls is not None:
+                from align.trl_compat import check_trainer_args
+
+                out += check_trainer_args(st["train"], cls, f"stages[{i}]({st.get('name')}).train")
+    return out
 
 
 def _explain(err: ValidationError, data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -380,7 +395,4 @@ def _step(t: Any, part: Any) -> Any:
     for m in members:  # a discriminated union: the location names the tag
         if _is_model(m) and "type" in m.model_fields and part in get_args(m.model_fields["type"].annotation):
             return m
-    for m in members:
-        if get_origin(m) in (list, dict) or _is_model(m):
-            return _step(m, part) if not _is_model(m) else _step(m, part)
-    return t
+    return _step(members[0], part) if members else t

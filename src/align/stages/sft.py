@@ -32,6 +32,7 @@ SFT_DEFAULTS: dict[str, Any] = {
     "include_num_input_tokens_seen": "non_padding",
     "dataloader_num_workers": 0,
 }
+TRAINER_CONFIG = SFTConfig  # what `train:` is checked against
 LORA_LEARNING_RATE = 2e-4  # TRL's 2e-5 suits full fine-tuning; adapters want ~10x more
 
 
@@ -39,7 +40,7 @@ LORA_LEARNING_RATE = 2e-4  # TRL's 2e-5 suits full fine-tuning; adapters want ~1
 
 
 def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
-    problems = check_trainer_args(stage.train, SFTConfig, f"{path}.train")
+    problems = check_trainer_args(stage.train, TRAINER_CONFIG, f"{path}.train")
     for key, use in (("completion_only_loss", "loss_on"), ("assistant_only_loss", "loss_on")):
         if key in stage.train:
             problems.append((f"{path}.train.{key}", f"set `{use}: completion` or `{use}: all` on the stage instead"))
