@@ -72,10 +72,10 @@ def test_sft_learns(finished):
     assert m["steps"] == 6 and m["trainable_tensors_changed"] > 0 and m["tokens_seen"] > 0
     log = [json.loads(x) for x in (tmp / "runs" / "tiny" / "sft" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    ev = stage_json(tmp / "runs" / "tiny", "ppl")["metrics"]["targets"]
-    assert set(ev) == {"base", "sft"}
-    assert ev["sft"]["perplexity/held"]["value"] < ev["base"]["perplexity/held"]["value"]
-    assert "perplexity/held" in res.stdout and "loss" in res.stdout  # the closing summary
+    ev = stage_json(tmp / "runs" / "tiny", "ppl")["metrics"]
+    assert set(ev) == {"base/held/perplexity", "sft/held/perplexity"}
+    assert ev["sft/held/perplexity"] < ev["base/held/perplexity"]
+    assert "held/perplexity" in res.stdout and "loss" in res.stdout  # the closing summary
 
 
 def test_second_run_skips_everything(finished):

@@ -37,8 +37,8 @@ def test_quickstart_end_to_end_on_the_real_model(tmp_path):
     """The README's main job: LoRA SFT of SmolLM2-135M, held-out perplexity falls (about 5 minutes)."""
     res = align("run", "recipes/quickstart.yaml", f"output_dir={tmp_path}", cwd=ROOT, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
-    ev = json.loads((tmp_path / "quickstart" / "heldout-ppl" / "metrics.json").read_text())["targets"]
-    base, sft = ev["base"]["perplexity/heldout"]["value"], ev["sft"]["perplexity/heldout"]["value"]
+    ev = json.loads((tmp_path / "quickstart" / "heldout-ppl" / "stage.json").read_text())["metrics"]
+    base, sft = ev["base/heldout/perplexity"], ev["sft/heldout/perplexity"]
     assert sft < 0.8 * base
     again = align("run", "recipes/quickstart.yaml", f"output_dir={tmp_path}", cwd=ROOT)
     assert "sft: done, skipped" in again.stdout and "heldout-ppl: done, skipped" in again.stdout

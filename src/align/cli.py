@@ -55,6 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("stage", help="the stage name")
     stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     stage.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
+    cmp = sub.add_parser(
+        "compare",
+        help="regression gate: compare metrics with a baseline (exit 1 on regression)",
+        description="Compare CURRENT metrics (a metrics.json, an eval stage folder or a run folder) with a "
+        "baseline. Exit 0 all within tolerance, 1 a metric regressed, 2 unusable input (missing metrics, "
+        "mismatched task versions).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmp.add_argument("current", help="metrics.json, eval stage folder, or run folder")
+    cmp.add_argument("--baseline", required=True, help="metrics.json (e.g. evaluation/baselines/NAME.json)")
+    cmp.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="METRIC=SPEC",
+        help="per metric (or task/metric): 0.5 absolute, 2%% relative, 2se stderr units; "
+        "default 2se where stderrs exist, else 1%%",
+    )
     return p
 
 
@@ -68,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "stage":
             from align.pipeline import execute_stage
 
@@ -80,6 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         print("align: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def cmd_compare(args: Any) -> int:
+    from align.errors import RecipeError
+    from align.evaluation.compare import compare, load_metrics, render
+
+    tol = {}
+    for t in args.tolerance:
+        if "=" not in t:
+            raise RecipeError(f"`{t}` is not METRIC=SPEC", "--tolerance")
+        k, v = t.split("=", 1)
+        tol[k] = v
+    rows = compare(load_metrics(args.current), load_metrics(args.baseline), tol)
+    print(render(rows))
+    return 1 if any(r.regressed for r in rows) else 0
 
 
 def cmd_plan(args: Any) -> int:

@@ -63,9 +63,10 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
             ds = ds.select(range(min(task.max_samples, len(ds))))
         texts[task.data] = texts_of(ds, fmt, tokenizer)
     # model -> score, one target at a time (only one model in memory)
-    results: dict[str, dict[str, Any]] = {}
+    results: list[dict[str, Any]] = []
     for target in sp.inputs:
-        model = load_for_inference(input_artifact(plan, target), dtype=recipe.model.dtype)
+        art = input_artifact(plan, target)
+        model = load_for_inference(art, dtype=recipe.model.dtype)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         for task in stage.tasks:
             r = perplexity(
@@ -76,32 +77,55 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
                 stride=task.stride,
                 batch_size=stage.batch_size,
             )
-            results.setdefault(target, {})[f"perplexity/{task.data}"] = {
-                "value": r.perplexity,
-                "nll": r.nll,
-                "tokens": r.tokens,
-                "texts": r.texts,
-            }
+            results.append(
+                {
+                    "target": target,
+                    "model": art["path"],
+                    "adapter": art["kind"] == "adapter",
+                    "task": task.data,
+                    "task_version": 1,
+                    "metric": "perplexity",
+                    "value": r.perplexity,
+                    "stderr": None,
+                    "n": r.texts,
+                    "higher_is_better": False,
+                    "settings": {
+                        "max_length": task.max_length,
+                        "stride": task.stride,
+                        "tokens": r.tokens,
+                        "nll": r.nll,
+                    },
+                }
+            )
         del model
     # save + metrics
-    metrics = {"schema": 1, "targets": results}
+    from align.evaluation.compare import SCHEMA
+    from align.pipeline import library_versions
+
+    metrics = {"schema": SCHEMA, "versions": library_versions(), "results": results}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "summary.md").write_text(summary_table(results))
-    print(summary_table(results), flush=True)
-    return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": metrics}
+    table = summary_table(results)
+    (out / "summary.md").write_text(table)
+    print(table, flush=True)
+    headline = {f"{r['target']}/{r['task']}/{r['metric']}": r["value"] for r in results}
+    return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": headline}
 
 
-def summary_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown: one row per metric, one column per target, plus the change from the first target."""
-    targets = list(results)
-    metrics = list(dict.fromkeys(m for r in results.values() for m in r))
-    head = "| metric | " + " | ".join(targets) + (" | change |" if len(targets) > 1 else " |")
-    lines = [head, "|" + "---|" * (len(targets) + 1 + (len(targets) > 1))]
-    for m in metrics:
-        vals = [results[t].get(m, {}).get("value") for t in targets]
-        cells = [f"{v:.3f}" if v is not None else "-" for v in vals]
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: one row per task/metric, one column per target, plus the change from the first target."""
+    targets = list(dict.fromkeys(r["target"] for r in results))
+    keys = list(dict.fromkeys(f"{r['task']}/{r['metric']}" for r in results))
+    value = {(r["target"], f"{r['task']}/{r['metric']}"): r["value"] for r in results}
+    multi = len(targets) > 1
+    lines = [
+        "| metric | " + " | ".join(targets) + (" | change |" if multi else " |"),
+        "|" + "---|" * (len(targets) + 1 + multi),
+    ]
+    for k in keys:
+        vals = [value.get((t, k)) for t in targets]
+        cells = " | ".join(f"{v:.3f}" if v is not None else "-" for v in vals)
         change = ""
-        if len(targets) > 1 and None not in (vals[0], vals[-1]) and vals[0]:
+        if multi and vals[0] and vals[-1] is not None:
             change = f" {100 * (vals[-1] - vals[0]) / vals[0]:+.1f}% |"
-        lines.append(f"| {m} | " + " | ".join(cells) + " |" + change)
+        lines.append(f"| {k} | {cells} |{change}")
     return "\n".join(lines) + "\n"
