@@ -251,3 +251,44 @@ def test_ctrl_c_checkpoints_and_resumes(tmp_path, tiny_llama):
     cks = list((tmp_path / "runs" / "tiny" / ".partial" / "sft" / "checkpoints").glob("checkpoint-*"))
     assert cks and all((c / "trainer_state.json").is_file() for c in cks), "Ctrl-C saves a checkpoint"
     assert "resumable" in align("plan", str(path)).stdout
+
+
+def test_eval_stage_with_a_task_file_and_the_gate(tmp_path, tiny_llama, capsys):
+    """An MMLU task file (made here) in an eval stage, then `align compare` against itself and a worse copy."""
+    import csv
+
+    for split, n in (("test", 6), ("dev", 2)):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        with (tmp_path / "mmlu" / split / f"toy_{split}.csv").open("w", newline="") as fh:
+            csv.writer(fh).writerows(
+                [[f"What is {i} + 1?", str(i), str(i + 1), str(i + 2), str(i + 3), "B"] for i in range(n)]
+            )
+    task = tmp_path / "toy_mmlu.yaml"
+    task.write_text(
+        f"name: toy_mmlu\nversion: 1\ntype: mmlu\ndata: {{path: {tmp_path / 'mmlu'}, format: mmlu_csv}}\n"
+        "mmlu: {num_fewshot: 2}\n"
+    )
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    recipe["stages"] = [{"name": "ev", "type": "eval", "tasks": [{"task": str(task)}, {"data": "held"}]}]
+    res = align("run", str(write_recipe(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny" / "ev"
+    m = json.loads((out / "metrics.json").read_text())
+    keys = {(r["target"], r["task"], r["metric"]) for r in m["results"]}
+    assert keys == {
+        ("base", "toy_mmlu", "accuracy"),
+        ("base", "toy_mmlu/toy", "accuracy"),
+        ("base", "held", "perplexity"),
+    }
+    acc = next(r for r in m["results"] if r["task"] == "toy_mmlu")
+    assert 0 <= acc["value"] <= 100 and acc["n"] == 6 and acc["stderr"] is not None
+    from align.cli import main
+
+    assert main(["compare", str(out), "--baseline", str(out / "metrics.json")]) == 0
+    worse = json.loads((out / "metrics.json").read_text())
+    for r in worse["results"]:
+        r["value"] = r["value"] * 2 if r["metric"] == "perplexity" else r["value"]
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "worse.json"), "--baseline", str(out / "metrics.json")]) == 1
+    assert "REGRESSED" in capsys.readouterr().out

@@ -92,12 +92,22 @@ class SFTStage(_StageBase):
     allow_cpu_qlora: bool = Field(False, description="train QLoRA on CPU even if the gradient check disagrees")
 
 
-class PerplexityTask(_Strict):
+class EvalTask(_Strict):
+    """Either perplexity on a recipe dataset (`data:`), or a task file (`task:` name in evaluation/tasks/ or path)."""
+
     type: Literal["perplexity"] = "perplexity"
-    data: str
+    data: str | None = None
+    task: str | None = None
+    limit: int | None = Field(None, gt=0, description="task files: first N items (per subject for MMLU)")
     max_length: int = Field(512, gt=8, description="sliding window length in tokens")
     stride: int = Field(256, gt=0)
     max_samples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalTask:
+        if (self.data is None) == (self.task is None):
+            raise ValueError("set `data:` (perplexity on a recipe dataset) or `task:` (a task file), not both")
+        return self
 
 
 class EvalStage(_StageBase):
@@ -105,7 +115,7 @@ class EvalStage(_StageBase):
     targets: list[str] = Field(
         default_factory=list, description="`base` and/or stage names; empty = base and the previous stage"
     )
-    tasks: list[PerplexityTask]
+    tasks: list[EvalTask] = Field(min_length=1)
     batch_size: int = Field(8, gt=0)
 
 
@@ -170,7 +180,7 @@ def _dataset_refs(st: SFTStage | EvalStage) -> list[tuple[str, str]]:
         names = [st.data] if isinstance(st.data, str) else list(st.data)
         refs = [(n, "data") for n in names]
         return refs + ([(st.eval_data, "eval_data")] if st.eval_data else [])
-    return [(t.data, f"tasks[{j}].data") for j, t in enumerate(st.tasks)]
+    return [(t.data, f"tasks[{j}].data") for j, t in enumerate(st.tasks) if t.data]
 
 
 # ---------------------------------------------------------------- loading, extends, overrides

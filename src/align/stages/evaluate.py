@@ -12,6 +12,7 @@ from typing import Any
 
 from align.data import check_format, is_local, load_rows, peek_rows, texts_of
 from align.errors import RecipeError
+from align.pipeline import ROOT
 
 
 def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
@@ -24,7 +25,17 @@ def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
 
 def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    for task in sp.stage.tasks:
+    where = f"stages[{sp.index}]({sp.stage.name})"
+    for j, task in enumerate(sp.stage.tasks):
+        if task.task:
+            try:
+                spec = load_task_spec(task.task)
+            except (FileNotFoundError, ValueError) as e:
+                problems.append((f"{where}.tasks[{j}].task", str(e).splitlines()[0]))
+                continue
+            if not spec.resolve_path(ROOT).exists():
+                problems.append((f"{where}.tasks[{j}].task", f"task `{spec.name}` data not found: {spec.data.path}"))
+            continue
         spec = plan.recipe.datasets[task.data]
         if not is_local(spec.path):
             plan.warnings.append(f"dataset `{task.data}`: hub id `{spec.path}` is checked when the stage loads it")
@@ -36,6 +47,39 @@ def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
             continue
         problems += check_format(rows, spec, "eval", f"datasets.{task.data}")[1]
     return problems
+
+
+def load_task_spec(name: str) -> Any:
+    """A task file by name (evaluation/tasks/) or path; its data paths are relative to the project root."""
+    from align.evaluation.tasks import load_task
+
+    return load_task(name, tasks_dir=None if name.endswith((".yaml", ".yml")) else ROOT / "evaluation" / "tasks")
+
+
+def task_records(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten a run_task result into metric records (aggregate first, then per-subject / per-ROUGE-type)."""
+    base = {"task": res["task"], "task_version": res["version"], "n": res["n"], "higher_is_better": True}
+    if res["metric"] == "accuracy":
+        recs = [{**base, "metric": "accuracy", "value": res["score"], "stderr": res["stderr"]}]
+        for subj, r in res.get("per_subject", {}).items():
+            recs.append(
+                {
+                    **base,
+                    "task": f"{res['task']}/{subj}",
+                    "n": r["n"],
+                    "metric": "accuracy",
+                    "value": r["accuracy"],
+                    "stderr": r["stderr"],
+                }
+            )
+        return recs
+    if res["metric"] == "bleu":
+        return [{**base, "metric": "bleu", "value": res["score"], "stderr": None}]
+    return [
+        {**base, "metric": k, "value": res[k], "stderr": None}
+        for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")
+        if k in res
+    ]
 
 
 def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
@@ -54,8 +98,12 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
     write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "targets": sp.inputs})
     tokenizer = load_tokenizer(Path(plan.base.path), chat_template=recipe.model.chat_template)
     # data
-    texts = {}
+    texts, specs = {}, {}
     for task in stage.tasks:
+        if task.task:
+            spec = load_task_spec(task.task)
+            specs[task.task] = spec.model_copy(update={"limit": task.limit or spec.limit})
+            continue
         spec = recipe.datasets[task.data]
         fmt = check_format(peek_rows(spec.path), spec, "eval", task.data)[0] if is_local(spec.path) else "text"
         ds = load_rows(spec)
@@ -64,11 +112,28 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
         texts[task.data] = texts_of(ds, fmt, tokenizer)
     # model -> score, one target at a time (only one model in memory)
     results: list[dict[str, Any]] = []
+    predictions = out / "predictions.jsonl"
     for target in sp.inputs:
         art = input_artifact(plan, target)
         model = load_for_inference(art, dtype=recipe.model.dtype)
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device).eval()
+        head = {"target": target, "model": art["path"], "adapter": art["kind"] == "adapter"}
         for task in stage.tasks:
+            if task.task:
+                from align.evaluation.runner import run_task
+
+                res = run_task(specs[task.task], model, tokenizer, root=ROOT, device=device)
+                settings = {"limit": specs[task.task].limit}
+                results += [{**head, **r, "settings": settings} for r in task_records(res)]
+                with predictions.open("a") as fh:
+                    fh.write(
+                        json.dumps(
+                            {"target": target, "task": res["task"], "predictions": res.get("predictions")}, default=str
+                        )
+                        + "\n"
+                    )
+                continue
             r = perplexity(
                 model,
                 tokenizer,
@@ -79,9 +144,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
             )
             results.append(
                 {
-                    "target": target,
-                    "model": art["path"],
-                    "adapter": art["kind"] == "adapter",
+                    **head,
                     "task": task.data,
                     "task_version": 1,
                     "metric": "perplexity",
