@@ -292,3 +292,43 @@ def test_eval_stage_with_a_task_file_and_the_gate(tmp_path, tiny_llama, capsys):
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "worse.json"), "--baseline", str(out / "metrics.json")]) == 1
     assert "REGRESSED" in capsys.readouterr().out
+
+
+def test_align_eval_standalone_on_a_model_and_a_run(finished, tmp_path, capsys):
+    """`align eval` on a base model folder and on a finished run (its adapter), gated against itself."""
+    from align.cli import main
+
+    tmp, _, _ = finished
+    held = tmp / "held.jsonl"
+    task = tmp_path / "held_bleu.yaml"
+    task.write_text(
+        f"name: held_bleu\ntype: generation\ndata: {{path: {held}, format: jsonl, input_field: "
+        "instruction, reference_field: output}\nprompt: {template: '{instruction}'}\n"
+        "generation: {max_new_tokens: 8}\nmetric: {name: bleu}\nlimit: 4\n"
+    )
+    run = tmp / "runs" / "tiny"
+    base_model = json.loads((run / "sft" / "stage.json").read_text())["output"]["base"]
+    assert main(["eval", base_model, str(run), "--tasks", str(task), "--out", str(tmp_path / "e")]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert {(r["target"], r["metric"]) for r in m["results"]} == {(Path(base_model).name, "bleu"), ("sft", "bleu")}
+    out = tmp_path / "e2"
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--tasks",
+                str(task),
+                "--out",
+                str(out),
+                "--baseline",
+                str(tmp_path / "e" / "metrics.json"),
+            ]
+        )
+        == 2
+    )  # different targets: not comparable
+    capsys.readouterr()
+    assert (
+        main(["eval", str(run), "--tasks", str(task), "--out", str(out), "--baseline", str(out / "metrics.json")]) == 0
+    )
+    assert "passed, 0 regressed" in capsys.readouterr().out

@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("stage", help="the stage name")
     stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     stage.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate models on task files, outside a recipe (optionally gated against a baseline)",
+        description="TARGET: a run folder (its last training stage), a stage folder, an adapter folder (loaded on "
+        "its base), a model folder, or the embedded model name. Several targets are compared in one table.",
+    )
+    ev.add_argument("targets", nargs="+", metavar="TARGET")
+    ev.add_argument("--tasks", nargs="+", required=True, help="task names in evaluation/tasks/ or task YAML paths")
+    ev.add_argument("--limit", type=int, help="first N items of each task (per subject for MMLU)")
+    ev.add_argument("--out", default="runs/eval", help="folder for metrics.json, summary.md (default runs/eval)")
+    ev.add_argument("--baseline", help="gate: compare with this metrics.json; exit 1 on regression")
     cmp = sub.add_parser(
         "compare",
         help="regression gate: compare metrics with a baseline (exit 1 on regression)",
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         if args.command == "compare":
             return cmd_compare(args)
         if args.command == "stage":
@@ -99,6 +112,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("align: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def cmd_eval(args: Any) -> int:
+    from pathlib import Path
+
+    from align.errors import RecipeError
+    from align.models import load_tokenizer
+    from align.recipe import EvalTask
+    from align.stages.evaluate import evaluate, load_task_spec, resolve_target
+
+    specs = {}
+    for name in args.tasks:
+        try:
+            spec = load_task_spec(name)
+        except (FileNotFoundError, ValueError) as e:
+            raise RecipeError(str(e).splitlines()[0], "--tasks") from None
+        specs[name] = spec.model_copy(update={"limit": args.limit or spec.limit})
+    targets = [resolve_target(t) for t in args.targets]
+    tokenizer = load_tokenizer(Path(targets[0][2]))
+    evaluate(
+        [(label, art) for label, art, _ in targets],
+        [EvalTask(task=n) for n in args.tasks],
+        tokenizer,
+        Path(args.out),
+        texts={},
+        specs=specs,
+    )
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    if args.baseline:
+        args.current, args.tolerance = args.out, []
+        return cmd_compare(args)
     return 0
 
 

@@ -87,10 +87,7 @@ def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
 
 
 def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
-    import torch
-
-    from align.evaluation.perplexity import perplexity
-    from align.models import load_for_inference, load_tokenizer
+    from align.models import load_tokenizer
     from align.pipeline import input_artifact, write_common
 
     stage, recipe = sp.stage, plan.recipe
@@ -110,29 +107,58 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
         if task.max_samples:
             ds = ds.select(range(min(task.max_samples, len(ds))))
         texts[task.data] = texts_of(ds, fmt, tokenizer)
-    # model -> score, one target at a time (only one model in memory)
+    # model -> score -> save + metrics
+    targets = [(t, input_artifact(plan, t)) for t in sp.inputs]
+    results = evaluate(
+        targets,
+        stage.tasks,
+        tokenizer,
+        out,
+        texts=texts,
+        specs=specs,
+        dtype=recipe.model.dtype,
+        batch_size=stage.batch_size,
+    )
+    headline = {f"{r['target']}/{r['task']}/{r['metric']}": r["value"] for r in results}
+    return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": headline}
+
+
+def evaluate(
+    targets: list[tuple[str, dict[str, Any]]],
+    tasks: list[Any],
+    tokenizer: Any,
+    out: Path,
+    *,
+    texts: dict[str, list[str]],
+    specs: dict[str, Any],
+    dtype: str = "auto",
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Score each target on each task, one model in memory at a time; write metrics.json and summary.md.
+
+    Shared by the eval stage and `align eval`."""
+    import torch
+
+    from align.evaluation.compare import SCHEMA
+    from align.evaluation.perplexity import perplexity
+    from align.evaluation.runner import run_task
+    from align.models import load_for_inference
+    from align.pipeline import library_versions
+
+    out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     predictions = out / "predictions.jsonl"
-    for target in sp.inputs:
-        art = input_artifact(plan, target)
-        model = load_for_inference(art, dtype=recipe.model.dtype)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device).eval()
-        head = {"target": target, "model": art["path"], "adapter": art["kind"] == "adapter"}
-        for task in stage.tasks:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for label, art in targets:
+        model = load_for_inference(art, dtype=dtype).to(device).eval()
+        head = {"target": label, "model": art["path"], "adapter": art["kind"] == "adapter"}
+        for task in tasks:
             if task.task:
-                from align.evaluation.runner import run_task
-
                 res = run_task(specs[task.task], model, tokenizer, root=ROOT, device=device)
-                settings = {"limit": specs[task.task].limit}
-                results += [{**head, **r, "settings": settings} for r in task_records(res)]
+                results += [{**head, **r, "settings": {"limit": specs[task.task].limit}} for r in task_records(res)]
                 with predictions.open("a") as fh:
-                    fh.write(
-                        json.dumps(
-                            {"target": target, "task": res["task"], "predictions": res.get("predictions")}, default=str
-                        )
-                        + "\n"
-                    )
+                    row = {"target": label, "task": res["task"], "predictions": res.get("predictions")}
+                    fh.write(json.dumps(row, default=str) + "\n")
                 continue
             r = perplexity(
                 model,
@@ -140,8 +166,9 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
                 texts[task.data],
                 max_length=task.max_length,
                 stride=task.stride,
-                batch_size=stage.batch_size,
+                batch_size=batch_size,
             )
+            settings = {"max_length": task.max_length, "stride": task.stride, "tokens": r.tokens, "nll": r.nll}
             results.append(
                 {
                     **head,
@@ -152,26 +179,47 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
                     "stderr": None,
                     "n": r.texts,
                     "higher_is_better": False,
-                    "settings": {
-                        "max_length": task.max_length,
-                        "stride": task.stride,
-                        "tokens": r.tokens,
-                        "nll": r.nll,
-                    },
+                    "settings": settings,
                 }
             )
         del model
-    # save + metrics
-    from align.evaluation.compare import SCHEMA
-    from align.pipeline import library_versions
-
     metrics = {"schema": SCHEMA, "versions": library_versions(), "results": results}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     table = summary_table(results)
     (out / "summary.md").write_text(table)
     print(table, flush=True)
-    headline = {f"{r['target']}/{r['task']}/{r['metric']}": r["value"] for r in results}
-    return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": headline}
+    return results
+
+
+def resolve_target(ref: str) -> tuple[str, dict[str, Any], Path]:
+    """(label, artifact, tokenizer folder) for `align eval`: run, stage, adapter or model folder, or a model name."""
+    from align.models import resolve_model
+    from align.pipeline import read_stage_json
+
+    p = Path(ref)
+    if p.is_dir() and not (p / "stage.json").is_file() and not (p / "config.json").is_file():
+        stages = [
+            d
+            for d in sorted(p.iterdir(), key=lambda d: d.stat().st_mtime)
+            if (info := read_stage_json(d)) and info["output"]["kind"] != "metrics"
+        ]
+        if stages:
+            p = stages[-1]
+    if (p / "stage.json").is_file():
+        info = read_stage_json(p) or {}
+        art = {**info["output"], "path": str(p / info["output"]["path"])}
+        if art["kind"] == "metrics":
+            raise RecipeError(f"{p} is an eval stage; point at a training stage or model", "TARGET")
+        return p.name, art, Path(art["path"])
+    if (p / "adapter_config.json").is_file():
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise RecipeError(f"the adapter's base model `{base}` is not a local folder", "TARGET")
+        return p.name, {"kind": "adapter", "path": str(p), "base": base}, p
+    if (p / "config.json").is_file():
+        return p.name, {"kind": "model", "path": str(p)}, p
+    m = resolve_model(ref, materialize=True)
+    return ref, {"kind": "model", "path": str(m.path)}, Path(str(m.path))
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
