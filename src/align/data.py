@@ -228,18 +228,26 @@ def to_sft(ds: Any, fmt: str, *, chat: bool, loss_on: str, eos: str) -> Any:
     return ds.map(convert, remove_columns=ds.column_names, desc=f"formatting {fmt}")
 
 
-def texts_of(ds: Any, fmt: str, tokenizer: Any) -> list[str]:
-    """Plain texts for perplexity: chat data rendered with the model's chat template where it has one."""
+def texts_of(ds: Any, fmt: str, tokenizer: Any, *, completion_only: bool = False) -> list[tuple[str, str]]:
+    """(prefix, text) pairs for perplexity; chat data is rendered with the model's chat template.
+
+    With `completion_only`, prefix is the rendered prompt, so only the response tokens are scored (what SFT
+    with loss on completions trains); otherwise the prefix is empty and every token counts."""
+    chat = bool(tokenizer.chat_template)
     out = []
     for row in ds:
         if fmt == "text":
-            out.append(row["text"])
+            out.append(("", row["text"]))
             continue
-        converted = to_sft_row(row, fmt, chat=bool(tokenizer.chat_template))
-        if isinstance(converted, list):
-            out.append(tokenizer.apply_chat_template(converted, tokenize=False))
+        full = to_sft_row(row, fmt, chat=chat)
+        if isinstance(full, list):
+            text = tokenizer.apply_chat_template(full, tokenize=False)
+            prefix = tokenizer.apply_chat_template(full[:-1], tokenize=False, add_generation_prompt=True)
         else:
-            out.append(converted)
+            text = full
+            prompt = alpaca_pair(row, chat=False, eos="")[0] if fmt == "alpaca" else row.get("prompt", "")
+            prefix = prompt if isinstance(prompt, str) and text.startswith(prompt) else ""
+        out.append((prefix if completion_only and text.startswith(prefix) else "", text))
     return out
 
 

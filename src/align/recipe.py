@@ -102,6 +102,9 @@ class EvalTask(_Strict):
     max_length: int = Field(512, gt=8, description="sliding window length in tokens")
     stride: int = Field(256, gt=0)
     max_samples: int | None = Field(None, gt=0)
+    score: Literal["completion", "all"] = Field(
+        "completion", description="perplexity: score response tokens only (completion), or every token (all)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalTask:

@@ -2,8 +2,11 @@
 
 Each text is scored on its own (no cross-document context). Windows of `max_length` tokens move by
 `stride`; tokens already scored by an earlier window are context only (label -100), so every token is
-predicted once, with up to `max_length - stride` tokens of left context (as in transformers' guide).
-Perplexity = exp(total NLL / total predicted tokens) over the whole corpus.
+predicted once, with up to `max_length - stride` tokens of left context (as in transformers' guide;
+stride is capped at max_length - 1 so that, unlike the guide with stride == max_length, the first token
+of a window is never dropped).
+Perplexity = exp(total NLL / total predicted tokens) over the whole corpus. A text given as
+(prefix, text) scores only the tokens after the prefix (e.g. responses, not prompts).
 """
 
 from __future__ import annotations
@@ -33,16 +36,19 @@ def perplexity(
     import torch
     from tqdm.auto import tqdm
 
-    stride = min(stride, max_length)
+    stride = min(stride, max_length - 1)  # windows overlap by >= 1 token, so no token loses its context
     windows: list[tuple[list[int], list[int]]] = []  # (input ids, labels)
-    for text in texts:
+    for item in texts:
+        prefix, text = item if isinstance(item, tuple) else ("", item)
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        skip = len(tokenizer(prefix, add_special_tokens=True)["input_ids"]) if prefix else 0
         prev_end = 0
         for begin in range(0, max(len(ids) - 1, 1), stride):
             end = min(begin + max_length, len(ids))
             chunk = ids[begin:end]
             n_new = end - prev_end  # tokens not scored by an earlier window
             labels = [-100] * (len(chunk) - n_new) + chunk[len(chunk) - n_new :]
+            labels = [-100 if begin + j < skip else t for j, t in enumerate(labels)]
             windows.append((chunk, labels))
             prev_end = end
             if end == len(ids):

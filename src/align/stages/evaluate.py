@@ -106,7 +106,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
         ds = load_rows(spec)
         if task.max_samples:
             ds = ds.select(range(min(task.max_samples, len(ds))))
-        texts[task.data] = texts_of(ds, fmt, tokenizer)
+        texts[task.data] = texts_of(ds, fmt, tokenizer, completion_only=task.score == "completion")
     # model -> score -> save + metrics
     targets = [(t, input_artifact(plan, t)) for t in sp.inputs]
     results = evaluate(
@@ -168,7 +168,13 @@ def evaluate(
                 stride=task.stride,
                 batch_size=batch_size,
             )
-            settings = {"max_length": task.max_length, "stride": task.stride, "tokens": r.tokens, "nll": r.nll}
+            settings = {
+                "max_length": task.max_length,
+                "stride": task.stride,
+                "score": task.score,
+                "tokens": r.tokens,
+                "nll": r.nll,
+            }
             results.append(
                 {
                     **head,
