@@ -72,3 +72,23 @@ def test_cli_exit_codes(tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{}")
     assert main(["compare", str(tmp_path / "junk.json"), "--baseline", str(b)]) == 2
     assert main(["compare", str(tmp_path / "none"), "--baseline", str(b)]) == 2
+
+
+def test_comparison_plot_is_a_png_with_one_panel_per_metric(tmp_path) -> None:
+    from align.evaluation.plot import plot_results
+
+    rows = [
+        {"target": t, "task": task, "metric": m, "value": v, "stderr": se, "higher_is_better": hib}
+        for t, task, m, v, se, hib in [
+            ("base", "mmlu", "acc", 0.30, 0.02, True),
+            ("sft", "mmlu", "acc", 0.35, 0.02, True),
+            ("base", "held", "perplexity", 12.0, None, False),
+            ("sft", "held", "perplexity", 9.0, None, False),
+        ]
+    ]
+    out = plot_results(rows, tmp_path / "c.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(data[16:20], "big")
+    assert width > 700  # two panels side by side
+    assert plot_results([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -28,7 +28,15 @@ SFT_FILES = {
     "adapter/chat_template.jinja",
     "adapter/README.md",
 }
-EVAL_FILES = {"stage.json", "config.yaml", "inputs.json", "versions.json", "metrics.json", "summary.md"}
+EVAL_FILES = {
+    "stage.json",
+    "config.yaml",
+    "inputs.json",
+    "versions.json",
+    "metrics.json",
+    "summary.md",
+    "comparison.png",
+}
 
 
 def files(folder: Path) -> set[str]:

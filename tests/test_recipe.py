@@ -235,8 +235,14 @@ def test_every_stage_type_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
-    assert set(MODULES) == {"sft", "eval"}
     assert "overrides" in capsys.readouterr().out
+    from align.recipe import STAGE_TYPES
+    from align.stages import module
+
+    assert set(MODULES) == set(STAGE_TYPES)
+    for t in STAGE_TYPES:  # every stage module has the four functions the pipeline calls
+        mod = module(t)
+        assert all(callable(getattr(mod, f, None)) for f in ("check_args", "check", "resolved_config", "run")), t
 
 
 def test_alpaca_rows_fixture_is_alpaca():

@@ -9,27 +9,71 @@ import json
 import random
 from pathlib import Path
 
-UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
-         ("hours", "minutes", 60), ("minutes", "seconds", 60), ("liters", "milliliters", 1000),
-         ("days", "hours", 24), ("weeks", "days", 7), ("feet", "inches", 12), ("dollars", "cents", 100)]
+UNITS = [
+    ("kilometers", "meters", 1000),
+    ("meters", "centimeters", 100),
+    ("kilograms", "grams", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("liters", "milliliters", 1000),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
+    ("feet", "inches", 12),
+    ("dollars", "cents", 100),
+]
 SINGULAR = {"feet": "foot", "inches": "inch"}
-WORDS = ["apple", "river", "garden", "planet", "yellow", "window", "silver", "forest", "candle", "bridge",
-         "rocket", "pencil", "guitar", "summer", "island", "dragon", "marble", "jacket", "orange", "violet"]
+WORDS = [
+    "apple",
+    "river",
+    "garden",
+    "planet",
+    "yellow",
+    "window",
+    "silver",
+    "forest",
+    "candle",
+    "bridge",
+    "rocket",
+    "pencil",
+    "guitar",
+    "summer",
+    "island",
+    "dragon",
+    "marble",
+    "jacket",
+    "orange",
+    "violet",
+]
 
 
 def rows(rng: random.Random) -> list[dict]:
     out = []
     for a, b, k in UNITS:
         for n in range(2, 14):
-            out.append({"instruction": f"Convert {n} {a} to {b}.", "input": "",
-                        "output": f"{n} {a} is {n * k} {b}, because one {SINGULAR.get(a, a[:-1])} is {k} {b}."})
+            out.append(
+                {
+                    "instruction": f"Convert {n} {a} to {b}.",
+                    "input": "",
+                    "output": f"{n} {a} is {n * k} {b}, because one {SINGULAR.get(a, a[:-1])} is {k} {b}.",
+                }
+            )
     for _ in range(100):
         x, y = rng.randint(2, 60), rng.randint(2, 40)
-        out.append({"instruction": "Add the two numbers and answer in one sentence.", "input": f"{x} and {y}",
-                    "output": f"The sum of {x} and {y} is {x + y}."})
+        out.append(
+            {
+                "instruction": "Add the two numbers and answer in one sentence.",
+                "input": f"{x} and {y}",
+                "output": f"The sum of {x} and {y} is {x + y}.",
+            }
+        )
     for w in WORDS:
-        out.append({"instruction": f"Spell the word \"{w}\" letter by letter.", "input": "",
-                    "output": f"The word \"{w}\" is spelled {'-'.join(w.upper())}."})
+        out.append(
+            {
+                "instruction": f'Spell the word "{w}" letter by letter.',
+                "input": "",
+                "output": f'The word "{w}" is spelled {"-".join(w.upper())}.',
+            }
+        )
     rng.shuffle(out)
     return out
 

@@ -182,9 +182,12 @@ def render_plan(plan: Any) -> str:
     ]
     for sp in plan.stages:
         st = sp.stage
-        what = "metrics.json, summary.md" if st.type == "eval" else _sft_writes(st)
+        what = "metrics.json, summary.md" if st.type == "eval" else _writes(st)
+        inputs = ", ".join(sp.inputs)
+        if st.type in ("ppo", "grpo", "rloo"):
+            inputs = f"{sp.inputs[0]} + reward {r.reward_source(st)}"
         lines.append(
-            f"{sp.index:<3}{sp.name:<16}{st.type:<7}{', '.join(sp.inputs):<20}{sp.status:<11}"
+            f"{sp.index:<3}{sp.name:<16}{st.type:<7}{inputs:<20}{sp.status:<11}"
             f"{sp.final_dir.relative_to(plan.run_dir.parent)}/ ({what})"
         )
         if sp.detail:
@@ -197,11 +200,12 @@ def render_plan(plan: Any) -> str:
         f"{len(plan.stages) - len(todo)} of {len(plan.stages)} stages done"
         + (f"; `align run {plan.recipe_path.name}` runs: {', '.join(todo)}" if todo else "")
     )
-    _ = r
     return "\n".join(lines)
 
 
-def _sft_writes(st: Any) -> str:
+def _writes(st: Any) -> str:
+    if st.type == "reward":
+        return "reward model/ (merged classifier)"
     art = "model/" if st.adapter.type == "full" else f"{st.adapter.type} adapter/"
     return art + (" + merged/" if st.merge else "")
 

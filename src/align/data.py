@@ -7,6 +7,7 @@ Formats (detected from the columns of the first rows, or named with `format:`):
   text               {text}
   preference         {prompt?, chosen, rejected}
   hh_rlhf            {chosen, rejected} holding whole "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
+  prompt             {prompt} alone (prompts for online RL)
 """
 
 from __future__ import annotations
@@ -28,12 +29,21 @@ REQUIRED = {
     "text": ["text"],
     "preference": ["chosen", "rejected"],
     "hh_rlhf": ["chosen", "rejected"],
+    "prompt": ["prompt"],
 }
 # Which formats each stage type accepts (the per-stage dataset contract, checked at plan time).
 STAGE_FORMATS = {
     "sft": ("messages", "prompt_completion", "alpaca", "text"),
     "eval": ("text", "messages", "prompt_completion", "alpaca"),
+    "reward": ("preference", "hh_rlhf"),
+    "dpo": ("preference", "hh_rlhf"),
+    "kto": ("preference", "hh_rlhf"),
+    "orpo": ("preference", "hh_rlhf"),
+    "ppo": ("prompt", "messages", "prompt_completion", "alpaca", "preference", "hh_rlhf"),
+    "grpo": ("prompt", "messages", "prompt_completion", "alpaca", "preference", "hh_rlhf"),
+    "rloo": ("prompt", "messages", "prompt_completion", "alpaca", "preference", "hh_rlhf"),
 }
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -90,6 +100,8 @@ def detect_format(columns: set[str]) -> str | None:
         return "preference" if "prompt" in columns else "hh_rlhf"
     if "text" in columns:
         return "text"
+    if "prompt" in columns:
+        return "prompt"
     return None
 
 
@@ -116,7 +128,8 @@ def check_format(
     if missing:
         return fmt, [(field, f"format `{fmt}` needs column(s) {missing}; the data has {sorted(cols)}")]
     if fmt not in allowed:
-        return fmt, [(field, f"a `{stage_type}` stage takes {', '.join(allowed)} data, not `{fmt}`")]
+        need = "; ".join(f"{k}: {', '.join(REQUIRED[k])}" for k in allowed)
+        return fmt, [(field, f"a `{stage_type}` stage takes {', '.join(allowed)} data, not `{fmt}` (columns {need})")]
     if fmt == "messages":
         msgs = renamed[0]["messages"]
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs)):
@@ -267,3 +280,83 @@ def alpaca_pair(row: dict[str, Any], *, chat: bool, eos: str) -> tuple[Any, Any]
         return [{"role": "user", "content": user}], [{"role": "assistant", "content": row["output"]}]
     block = f"### Input:\n{inp}\n\n" if inp else ""
     return ALPACA_TEMPLATE.format(instruction=row["instruction"].strip(), input_block=block), row["output"] + eos
+
+
+# ---------------------------------------------------------------- preference pairs and prompts
+
+
+def hh_split(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """HH-RLHF full transcripts -> (shared prompt ending in "\\n\\nAssistant:", chosen reply, rejected reply)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, n + 1)
+    if cut < 0:
+        raise RecipeError("an hh_rlhf row has no `\\n\\nAssistant:` turn shared by chosen and rejected", "data")
+    cut += len(HH_ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def hh_messages(prompt: str) -> list[dict[str, str]] | None:
+    """An HH-style "\\n\\nHuman: .. \\n\\nAssistant: .." prompt as chat messages; None if it is not one."""
+    text = prompt.rstrip()
+    if not text.lstrip().startswith(HH_HUMAN.strip()):
+        return None
+    if text.endswith(HH_ASSISTANT.strip()):
+        text = text[: -len(HH_ASSISTANT.strip())]
+    msgs = []
+    for part in ("\n\n" + text.lstrip()).split(HH_HUMAN):
+        if not part.strip():
+            continue
+        user, *replies = part.split(HH_ASSISTANT)
+        msgs.append({"role": "user", "content": user.strip()})
+        msgs += [{"role": "assistant", "content": r.strip()} for r in replies]
+    return msgs if msgs and msgs[-1]["role"] == "user" else None
+
+
+def preference_row(row: dict[str, Any], fmt: str, *, chat: bool) -> dict[str, Any]:
+    """One pair as TRL's {prompt, chosen, rejected}: message lists for chat models, strings otherwise."""
+    if fmt == "hh_rlhf":
+        prompt, chosen, rejected = hh_split(row["chosen"], row["rejected"])
+    elif isinstance(row["chosen"], list) and "prompt" not in row:  # implicit prompt: the shared turns
+        shared = 0
+        while row["chosen"][shared] == row["rejected"][shared]:
+            shared += 1
+        prompt, chosen, rejected = row["chosen"][:shared], row["chosen"][shared:], row["rejected"][shared:]
+    else:
+        prompt, chosen, rejected = row.get("prompt") or "", row["chosen"], row["rejected"]
+    if not chat or isinstance(prompt, list):
+        if not chat and isinstance(prompt, list):
+            raise RecipeError("chat-message pairs need a tokenizer with a chat template", "data")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    msgs = hh_messages(prompt) or [{"role": "user", "content": prompt.strip()}]
+    return {
+        "prompt": msgs,
+        "chosen": [{"role": "assistant", "content": chosen.strip()}],
+        "rejected": [{"role": "assistant", "content": rejected.strip()}],
+    }
+
+
+def to_preference(ds: Any, fmt: str, *, chat: bool) -> Any:
+    return ds.map(lambda r: preference_row(r, fmt, chat=chat), remove_columns=ds.column_names, desc=f"formatting {fmt}")
+
+
+def prompt_of(row: dict[str, Any], fmt: str, *, chat: bool) -> Any:
+    """The prompt part of any row (online RL samples its own completions): messages or a string."""
+    if fmt in ("preference", "hh_rlhf"):
+        return preference_row(row, fmt, chat=chat)["prompt"]
+    if fmt == "alpaca":
+        return alpaca_pair(row, chat=chat, eos="")[0]
+    if fmt == "messages":
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        return msgs
+    prompt = row["prompt"]
+    if chat and isinstance(prompt, str):
+        return hh_messages(prompt) or [{"role": "user", "content": prompt.strip()}]
+    return prompt
+
+
+def to_prompts(ds: Any, fmt: str, *, chat: bool) -> Any:
+    return ds.map(lambda r: {"prompt": prompt_of(r, fmt, chat=chat)}, remove_columns=ds.column_names)

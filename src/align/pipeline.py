@@ -35,16 +35,15 @@ from align import __version__
 from align.data import dataset_identity, file_hash
 from align.errors import AlignError, RecipeError, StageFailed
 from align.models import ResolvedModel, resolve_model
-from align.recipe import EvalStage, Recipe, SFTStage
+from align.recipe import POLICY_TYPES, AnyStage, EvalStage, OnlineRLStage, Recipe, reward_kind
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "accelerate_configs"
-POLICY_TYPES = {"sft"}  # stage types whose output is the next stage's model
 
 
 @dataclass
 class StagePlan:
-    stage: SFTStage | EvalStage
+    stage: AnyStage
     index: int
     inputs: list[str]  # "base" or stage names this stage reads
     final_dir: Path
@@ -87,7 +86,10 @@ def stage_inputs(recipe: Recipe, index: int) -> list[str]:
             return list(st.targets)
         prev = default_source(recipe, index)
         return ["base"] if prev == "base" else ["base", prev]
-    return [st.source or default_source(recipe, index)]
+    inputs = [st.source or default_source(recipe, index)]
+    if isinstance(st, OnlineRLStage) and reward_kind(ref := recipe.reward_source(st)) == "stage":
+        inputs.append(ref)  # the reward model is an input too: retraining it re-runs this stage
+    return inputs
 
 
 def base_identity(base: ResolvedModel) -> dict[str, Any]:
@@ -165,7 +167,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, ma
     return plan
 
 
-def _stage_datasets(st: SFTStage | EvalStage) -> set[str]:
+def _stage_datasets(st: AnyStage) -> set[str]:
     from align.recipe import _dataset_refs
 
     return {ref for ref, _ in _dataset_refs(st)}

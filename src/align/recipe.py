@@ -92,6 +92,53 @@ class SFTStage(_StageBase):
     allow_cpu_qlora: bool = Field(False, description="train QLoRA on CPU even if the gradient check disagrees")
 
 
+class RewardStage(_StageBase):
+    """A reward model (sequence classifier, one score) on preference pairs, via TRL's RewardTrainer.
+
+    Its input defaults to the last policy stage (the SFT model, as in InstructGPT); it writes a merged
+    reward model that `ppo`/`grpo`/`rloo` stages read."""
+
+    type: Literal["reward"]
+    data: str | list[str] | dict[str, float]
+    eval_data: str | None = None
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    train: dict[str, Any] = Field(default_factory=dict, description="TRL RewardConfig fields, by their TRL names")
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+
+
+class PreferenceStage(_StageBase):
+    """Offline preference optimisation on pairs: `dpo` (TRL DPOTrainer), `kto`, `orpo`.
+
+    With an adapter the reference model is the same weights with the adapter disabled (no second copy)."""
+
+    type: Literal["dpo", "kto", "orpo"]
+    data: str | list[str] | dict[str, float]
+    eval_data: str | None = None
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
+    train: dict[str, Any] = Field(default_factory=dict, description="TRL DPOConfig/KTOConfig/ORPOConfig fields")
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+
+
+class OnlineRLStage(_StageBase):
+    """On-policy RL from prompts: `ppo` (align's own actor-critic), `grpo` and `rloo` (TRL's trainers).
+
+    `reward` names a `reward` stage, or a Python function as `module:function` (imported only when named
+    here); left out, the last earlier `reward` stage is used."""
+
+    type: Literal["ppo", "grpo", "rloo"]
+    data: str | list[str] | dict[str, float] = Field(description="prompts: any format with a prompt part")
+    reward: str | None = Field(
+        None, description="a reward stage name, `module:function`, or a reward model folder (./path)"
+    )
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="ppo: align.ppo.PPOConfig fields; grpo/rloo: TRL GRPOConfig/RLOOConfig"
+    )
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+
+
 class EvalTask(_Strict):
     """Either perplexity on a recipe dataset (`data:`), or a task file (`task:` name in evaluation/tasks/ or path)."""
 
@@ -122,8 +169,11 @@ class EvalStage(_StageBase):
     batch_size: int = Field(8, gt=0)
 
 
-Stage = Annotated[SFTStage | EvalStage, Field(discriminator="type")]
-STAGE_TYPES = ("sft", "eval")  # the one explicit list of stage types (see stages/__init__.py)
+AnyStage = SFTStage | RewardStage | PreferenceStage | OnlineRLStage | EvalStage
+Stage = Annotated[AnyStage, Field(discriminator="type")]
+# the one explicit list of stage types (see stages/__init__.py)
+STAGE_TYPES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "eval")
+POLICY_TYPES = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo")  # their output is the next stage's model
 
 
 class Recipe(_Strict):
@@ -160,26 +210,77 @@ class Recipe(_Strict):
                 if ref not in self.datasets:
                     hint = did_you_mean(ref, self.datasets) or f"; defined: {', '.join(self.datasets) or 'none'}"
                     problems.append((f"{where}.{field}", f"unknown dataset `{ref}`{hint}"))
+            if st.source is not None and st.source in seen and self.stage(st.source).type not in POLICY_TYPES:
+                problems.append(
+                    (f"{where}.from", f"`{st.source}` is a `{self.stage(st.source).type}` stage, not a policy model")
+                )
             if isinstance(st, EvalStage):
                 for t in st.targets:
                     if t != "base" and t not in seen:
                         problems.append(
                             (f"{where}.targets", f"`{t}` is not an earlier stage{did_you_mean(t, seen + ['base'])}")
                         )
+                    elif t != "base" and self.stage(t).type not in POLICY_TYPES:
+                        problems.append((f"{where}.targets", f"`{t}` is a `{self.stage(t).type}` stage, not a policy"))
+            if isinstance(st, OnlineRLStage):
+                problems += self._reward_link(st, where, seen)
             seen.append(st.name)
         if problems:
             raise RecipeError(problems)
         return self
 
-    def stage(self, name: str) -> SFTStage | EvalStage:
+    def _reward_link(self, st: OnlineRLStage, where: str, seen: list[str]) -> list[tuple[str, str]]:
+        rewards = [n for n in seen if self.stage(n).type == "reward"]
+        if st.reward is None:
+            if not rewards:
+                return [
+                    (
+                        f"{where}.reward",
+                        f"a `{st.type}` stage needs a reward: add a `type: reward` stage before it, or set "
+                        "`reward: module:function`",
+                    )
+                ]
+            return []
+        kind = reward_kind(st.reward)
+        if kind == "path":
+            return []  # an existing reward model folder: checked at plan time (files, tokenizer)
+        if kind == "function":
+            mod, _, fn = st.reward.partition(":")
+            if not mod or not fn.isidentifier():
+                return [(f"{where}.reward", f"`{st.reward}` is not of the form `module:function`")]
+            return []
+        if st.reward not in rewards:
+            what = f"is a `{self.stage(st.reward).type}` stage" if st.reward in seen else "is not an earlier stage"
+            hint = did_you_mean(st.reward, rewards) or f"; earlier reward stages: {', '.join(rewards) or 'none'}"
+            return [(f"{where}.reward", f"`{st.reward}` {what}, not a reward model{hint}")]
+        return []
+
+    def reward_source(self, st: OnlineRLStage) -> str:
+        """The reward stage name, or `module:function`, an online RL stage reads (after `_links` passed)."""
+        if st.reward is not None:
+            return st.reward
+        index = self.stages.index(st)
+        return next(s.name for s in reversed(self.stages[:index]) if s.type == "reward")
+
+    def stage(self, name: str) -> AnyStage:
         for st in self.stages:
             if st.name == name:
                 return st
         raise RecipeError(f"no stage named `{name}`{did_you_mean(name, [s.name for s in self.stages])}", "stage")
 
 
-def _dataset_refs(st: SFTStage | EvalStage) -> list[tuple[str, str]]:
-    if isinstance(st, SFTStage):
+def reward_kind(ref: str) -> Literal["stage", "function", "path"]:
+    """`reward:` names a reward stage, a `module:function`, or a reward model folder (a path)."""
+    if ref.startswith((".", "/", "~")):
+        return "path"
+    return "function" if ":" in ref else "stage"
+
+
+def _dataset_refs(st: AnyStage) -> list[tuple[str, str]]:
+    if isinstance(st, OnlineRLStage):
+        names = [st.data] if isinstance(st.data, str) else list(st.data)
+        return [(n, "data") for n in names]
+    if not isinstance(st, EvalStage):
         names = [st.data] if isinstance(st.data, str) else list(st.data)
         refs = [(n, "data") for n in names]
         return refs + ([(st.eval_data, "eval_data")] if st.eval_data else [])
@@ -251,6 +352,9 @@ def _absolutize_paths(data: dict[str, Any], root: Path) -> None:
                     cand = root / p
                     if cand.exists() or p.startswith("."):
                         spec[key] = str(cand.resolve())
+    for st in data.get("stages") or []:
+        if isinstance(st, dict) and isinstance(st.get("reward"), str) and st["reward"].startswith("."):
+            st["reward"] = str((root / st["reward"]).resolve())
     model = data.get("model")
     if isinstance(model, str) and model.startswith("."):
         data["model"] = str((root / model).resolve())
@@ -328,6 +432,8 @@ def _raw_train_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     for i, st in enumerate(data.get("stages") or []):
         if isinstance(st, dict) and st.get("type") in STAGE_TYPES and isinstance(st.get("train"), dict):
             cls = getattr(module(st["type"]), "TRAINER_CONFIG", None)
+            if isinstance(cls, dict):  # one module serving several stage types
+                cls = cls.get(st["type"])
             if cls is not None:
                 from align.trl_compat import check_trainer_args
 

@@ -11,13 +11,51 @@ import dataclasses
 import enum
 import types
 import typing
+import warnings
 from typing import Any
 
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, RLOOConfig, SFTConfig, SFTTrainer
 
 from align.errors import did_you_mean
 
-__all__ = ["SFTConfig", "SFTTrainer", "check_trainer_args", "trainer_field_names"]
+__all__ = [
+    "DPOConfig",
+    "GRPOConfig",
+    "KTOConfig",
+    "RLOOConfig",
+    "RewardConfig",
+    "SFTConfig",
+    "SFTTrainer",
+    "check_trainer_args",
+    "orpo_config",
+    "trainer_class",
+    "trainer_field_names",
+]
+
+
+def orpo_config() -> type | None:
+    """ORPO lives in `trl.experimental` in trl 1.x (imported here only); None where this TRL lacks it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.orpo import ORPOConfig
+    except ImportError:
+        return None
+    return ORPOConfig
+
+
+def trainer_class(stage_type: str) -> type:
+    """The TRL trainer for a stage type, imported when a stage runs (trainers pull in much more than configs)."""
+    if stage_type == "orpo":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.orpo import ORPOTrainer
+        return ORPOTrainer
+    import trl
+
+    name = {"reward": "RewardTrainer", "dpo": "DPOTrainer", "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
+    return getattr(trl, name.get(stage_type) or "RLOOTrainer")
+
 
 # Fields align sets itself from the run directory and the stage; the recipe may not set them.
 RESERVED = {

@@ -20,7 +20,17 @@ if TYPE_CHECKING:
 
     from align.pipeline import Plan, StagePlan
 
-MODULES = {"sft": "align.stages.sft", "eval": "align.stages.evaluate"}
+MODULES = {
+    "sft": "align.stages.sft",
+    "reward": "align.stages.reward",
+    "dpo": "align.stages.preference",
+    "kto": "align.stages.preference",
+    "orpo": "align.stages.preference",
+    "ppo": "align.stages.ppo",
+    "grpo": "align.stages.online",
+    "rloo": "align.stages.online",
+    "eval": "align.stages.evaluate",
+}
 assert set(MODULES) == set(STAGE_TYPES), "recipe.STAGE_TYPES and stages.MODULES must list the same types"
 
 

@@ -134,7 +134,8 @@ def evaluate(
     dtype: str = "auto",
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
-    """Score each target on each task, one model in memory at a time; write metrics.json and summary.md.
+    """Score each target on each task, one model in memory at a time; write metrics.json, summary.md
+    and comparison.png (bars per target, stderr error bars).
 
     Shared by the eval stage and `align eval`."""
     import torch
@@ -193,6 +194,9 @@ def evaluate(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     table = summary_table(results)
     (out / "summary.md").write_text(table)
+    from align.evaluation.plot import plot_results
+
+    plot_results(results, out / "comparison.png")
     print(table, flush=True)
     return results
 

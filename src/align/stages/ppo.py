@@ -1,0 +1,212 @@
+"""PPO stage: align's own actor-critic PPO (`align.ppo`), since TRL 1.x ships no PPO trainer.
+
+config -> data -> model -> trainer -> train -> save -> metrics.
+
+Policy: the previous policy stage's output (an SFT adapter folded in) with a new LoRA adapter; the frozen
+reference is the same weights with the adapter disabled. Reward: the last `reward` stage's classifier (or
+`reward:` a stage, a reward model folder, or `module:function`). Value model: a copy of the reward model
+whose score head, applied to every token, gives the values (InstructGPT); with a function reward it starts
+from the policy's backbone with a zero head. Runs under `accelerate launch` like every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any
+
+from align.data import to_prompts
+from align.errors import RecipeError
+from align.ppo import PPOConfig
+from align.stages._train import (
+    Guard,
+    check_data,
+    device_args,
+    load_pairs,
+    load_policy,
+    save_policy,
+    set_pad,
+    write_metrics,
+)
+from align.stages.online import check_reward, load_function, load_reward_model, reward_identity, reward_is_function
+from align.trl_compat import check_trainer_args, coerce_trainer_args
+
+TRAINER_CONFIG = PPOConfig
+ADAPTER_LR = 1e-4  # PPOConfig's 1e-5 suits full weights; a LoRA policy wants more
+VALUE_LR = 1e-5  # the value model is a full copy of the reward model: full-weight rate
+MAX_PROMPT_TOKENS = 512  # longer prompts are skipped (counted in metrics.json)
+
+
+def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
+    problems = check_trainer_args(stage.train, PPOConfig, f"{path}.train")
+    if stage.adapter.type not in ("lora", "dora"):
+        problems.append(
+            (
+                f"{path}.adapter.type",
+                "ppo trains a `lora` or `dora` adapter on the policy (the reference is the same weights with the "
+                "adapter disabled, so no second copy is held)",
+            )
+        )
+    return problems
+
+
+def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
+    where = f"stages[{sp.index}]({sp.stage.name})"
+    _, problems = check_data(plan, sp, "ppo")
+    problems += check_reward(plan, sp, where, same_tokenizer=True)
+    try:
+        config(plan, sp)
+    except (ValueError, TypeError) as e:
+        problems.append((f"{where}.train", str(e).splitlines()[0]))
+    return problems
+
+
+def config(plan: Any, sp: Any) -> PPOConfig:
+    args = {
+        "seed": plan.recipe.seed,
+        "learning_rate": ADAPTER_LR,
+        "value_learning_rate": VALUE_LR,
+        **coerce_trainer_args(sp.stage.train, PPOConfig),
+    }
+    return PPOConfig(**args)
+
+
+def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
+    cfg = dataclasses.asdict(config(plan, sp))
+    return {**cfg, "device": device_args(plan.recipe.seed), "reward": reward_identity(plan, sp.stage)}
+
+
+def encode_prompts(ds: Any, tokenizer: Any) -> tuple[list[list[int]], int]:
+    ids, skipped = [], 0
+    for p in ds["prompt"]:
+        if isinstance(p, list):
+            enc = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+        else:
+            enc = tokenizer(p, add_special_tokens=True)["input_ids"]
+        enc = list(enc["input_ids"] if isinstance(enc, dict) else enc)
+        if len(enc) > MAX_PROMPT_TOKENS:
+            skipped += 1
+            continue
+        ids.append(enc)
+    return ids, skipped
+
+
+def model_reward(classifier: Any, pad_id: int) -> Any:
+    """Score prompt + completion token ids with the reward classifier (same tokenizer, checked at plan time)."""
+    import torch
+
+    @torch.no_grad()
+    def score(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> Any:
+        seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        width = max(len(s) for s in seqs)
+        device = next(classifier.parameters()).device
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        out = classifier(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+        return out.float().cpu()
+
+    return score
+
+
+def function_reward(fn: Any, tokenizer: Any) -> Any:
+    """Call a `module:function` reward as TRL does: keyword `prompts` and `completions` (decoded text)."""
+    import torch
+
+    def score(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> Any:
+        prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=False)
+        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return torch.tensor([float(x) for x in fn(prompts=prompts, completions=completions)])
+
+    return score
+
+
+def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
+    import torch
+    from accelerate import Accelerator
+    from peft import get_peft_model
+
+    from align.models import load_tokenizer, peft_config
+    from align.pipeline import input_artifact, latest_checkpoint, write_common
+    from align.ppo import PPOTrainer, ValueModel
+
+    stage, recipe = sp.stage, plan.recipe
+    # config
+    cfg = config(plan, sp)
+    write_common(
+        sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": dataclasses.asdict(cfg)}
+    )
+    source = input_artifact(plan, sp.inputs[0])
+    tokenizer = load_tokenizer(
+        Path(plan.base.path), trust_remote_code=recipe.model.trust_remote_code, chat_template=recipe.model.chat_template
+    )
+    chat = bool(tokenizer.chat_template)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+
+    # data
+    prompts_ds, _ = load_pairs(plan, stage, lambda ds, fmt: to_prompts(ds, fmt, chat=chat))
+    prompts, skipped = encode_prompts(prompts_ds, tokenizer)
+    if not prompts:
+        raise RecipeError(f"every prompt is longer than {MAX_PROMPT_TOKENS} tokens", f"stages.{stage.name}.data")
+
+    # models: policy + adapter (reference = adapter disabled), reward, value
+    policy = load_policy(plan, source)
+    set_pad(policy, tokenizer)
+    policy = get_peft_model(policy, peft_config(stage.adapter))
+    if reward_is_function(plan, stage):
+        reward_fn = function_reward(load_function(plan, stage), tokenizer)
+        value = ValueModel.from_causal_lm(load_policy(plan, source))
+    else:
+        classifier, _ = load_reward_model(plan, sp)
+        classifier.to(accelerator.device)
+        reward_fn = model_reward(classifier, tokenizer.pad_token_id)
+        value = ValueModel.from_sequence_classifier(load_reward_model(plan, sp)[0])
+
+    # trainer
+    guard = Guard(out / "train_log.jsonl", sp.partial_dir)
+
+    def log(record: dict[str, Any]) -> None:
+        guard.check(record, int(record.get("step", 0)))
+        if accelerator.is_main_process:
+            guard.log(record)
+
+    trainer = PPOTrainer(cfg, policy, value, tokenizer, prompts, reward_fn, accelerator=accelerator, log_fn=log)
+
+    # train
+    resume = latest_checkpoint(sp)
+    if resume is not None:
+        print(f"[align] {stage.name}: resuming from {resume.name}", flush=True)
+    with guard.trap_sigint():
+        summary = trainer.train(
+            checkpoint_dir=sp.partial_dir / "checkpoints", resume_from=resume, should_stop=guard.should_stop
+        )
+    if summary.get("interrupted"):
+        raise KeyboardInterrupt
+    if not accelerator.is_main_process:
+        return None
+
+    # save
+    unwrapped = accelerator.unwrap_model(trainer.policy) if hasattr(trainer, "policy") else policy
+    output, merged = save_policy(
+        types.SimpleNamespace(model=unwrapped), tokenizer, out, source, adapter=True, merge=stage.merge
+    )
+
+    # metrics
+    history = summary.get("history", [])
+    metrics = {
+        "steps": summary["steps"],
+        "reward_first": summary["first_reward_mean"],
+        "reward_last": summary["last_reward_mean"],
+        "kl_first": summary["first_kl"],
+        "kl_last": summary["last_kl"],
+        "prompts": len(prompts),
+        "prompts_skipped_too_long": skipped,
+        "resumed_from": resume.name if resume else None,
+        "trainable_params": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
+        "seconds": sum(h.get("seconds", 0.0) for h in history),
+    }
+    write_metrics(out, metrics)
+    return {"type": "ppo", "output": output, "merged": merged, "metrics": metrics}

@@ -1,0 +1,166 @@
+"""Reward-model stage on TRL's RewardTrainer: a one-score sequence classifier trained on preference pairs.
+
+config -> data -> model -> trainer -> train -> save -> metrics.
+
+The input is the last policy stage (the SFT model, as in InstructGPT) or `from:`; an adapter input is
+folded into its base first. The output is always a merged reward model in safetensors (`model/`), loaded
+with `AutoModelForSequenceClassification` (recorded in stage.json), so later stages need no peft code.
+Held-out metrics: pairwise accuracy and mean margin; with no held-out data named, 10% is held out.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from align.data import to_preference
+from align.stages._train import (
+    LORA_LEARNING_RATE,
+    TRAIN_DEFAULTS,
+    Guard,
+    check_data,
+    check_trl_args,
+    device_args,
+    load_pairs,
+    load_policy,
+    set_pad,
+    train,
+    train_metrics,
+    trainable_snapshot,
+    write_metrics,
+)
+from align.trl_compat import RewardConfig, check_trainer_args, coerce_trainer_args
+
+TRAINER_CONFIG = RewardConfig
+AUTO_HOLDOUT = 0.1
+
+
+def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
+    problems = check_trainer_args(stage.train, TRAINER_CONFIG, f"{path}.train")
+    if stage.adapter.type == "qlora":
+        problems.append((f"{path}.adapter.type", "reward stages take `lora`, `dora` or `full`"))
+    return problems
+
+
+def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
+    where = f"stages[{sp.index}]({sp.stage.name})"
+    _, problems = check_data(plan, sp, "reward")
+    return problems + check_trl_args(RewardConfig, resolved_train_args(plan, sp, Path("/nonexistent")), where)
+
+
+def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
+    stage = sp.stage
+    return {
+        **TRAIN_DEFAULTS,
+        **device_args(plan.recipe.seed),
+        "learning_rate": LORA_LEARNING_RATE if stage.adapter.type != "full" else 1e-5,
+        **coerce_trainer_args(stage.train, RewardConfig),
+        "output_dir": str(work / "checkpoints"),
+    }
+
+
+def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
+    return {k: v for k, v in resolved_train_args(plan, sp, Path(".")).items() if k != "output_dir"}
+
+
+def holdout(train_ds: Any, eval_ds: Any, seed: int) -> tuple[Any, Any, str]:
+    """Preference stages always report held-out metrics: named held-out data, else 10% of the pairs."""
+    if eval_ds is not None:
+        return train_ds, eval_ds, "eval split of the recipe"
+    if len(train_ds) < 10:
+        return train_ds, None, "none (fewer than 10 pairs)"
+    parts = train_ds.train_test_split(test_size=AUTO_HOLDOUT, seed=seed)
+    return parts["train"], parts["test"], f"auto: {AUTO_HOLDOUT:.0%} of the pairs"
+
+
+def load_classifier(plan: Any, source: dict[str, Any], work: Path, tokenizer: Any) -> Any:
+    """A one-label sequence classifier on the input model's backbone (its head is new, seeded)."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    from align.models import torch_dtype
+
+    folder = Path(source["path"])
+    if source["kind"] != "model":  # fold the adapter in and save once: the classifier loads from a folder
+        folder = work / "input-merged"
+        if not (folder / "config.json").is_file():
+            load_policy(plan, source).save_pretrained(folder, safe_serialization=True)
+    set_seed(plan.recipe.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder,
+        num_labels=1,
+        dtype=torch_dtype(plan.recipe.model.dtype),
+        use_safetensors=True,
+        trust_remote_code=plan.recipe.model.trust_remote_code,
+    )
+    set_pad(model, tokenizer)
+    return model
+
+
+def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
+    from align.models import load_tokenizer, peft_config
+    from align.pipeline import input_artifact, write_common
+    from align.trl_compat import trainer_class
+
+    stage, recipe = sp.stage, plan.recipe
+    # config
+    args_dict = resolved_train_args(plan, sp, sp.partial_dir)
+    write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": args_dict})
+    args = RewardConfig(**args_dict)
+    source = input_artifact(plan, sp.inputs[0])
+    tokenizer = load_tokenizer(
+        Path(plan.base.path), trust_remote_code=recipe.model.trust_remote_code, chat_template=recipe.model.chat_template
+    )
+    chat = bool(tokenizer.chat_template)
+
+    # data
+    train_ds, eval_ds = load_pairs(plan, stage, lambda ds, fmt: to_preference(ds, fmt, chat=chat))
+    train_ds, eval_ds, heldout = holdout(train_ds, eval_ds, recipe.seed)
+
+    # model
+    model = load_classifier(plan, source, sp.partial_dir, tokenizer)
+    peft_cfg = None if stage.adapter.type == "full" else peft_config(stage.adapter, task_type="SEQ_CLS")
+
+    # trainer
+    guard = Guard(out / "train_log.jsonl", sp.partial_dir)
+    trainer = trainer_class("reward")(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_cfg,
+        callbacks=[guard],
+    )
+    before = trainable_snapshot(trainer.model)
+    ev_before = trainer.evaluate() if eval_ds is not None else {}
+
+    # train
+    result = train(trainer, sp, guard)
+    if not trainer.is_world_process_zero():
+        return None
+
+    # metrics (before the merge below changes the parameter names)
+    metrics = train_metrics(trainer, result, guard, before)
+    metrics["heldout"] = heldout
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics.update(
+            {
+                "eval_pairs": len(eval_ds),
+                "eval_accuracy": ev.get("eval_accuracy"),
+                "eval_margin": ev.get("eval_margin"),
+                "eval_loss": ev.get("eval_loss"),
+                "eval_accuracy_before": ev_before.get("eval_accuracy"),
+                "eval_margin_before": ev_before.get("eval_margin"),
+            }
+        )
+    # save: always a merged classifier, so PPO/GRPO load it with transformers alone
+    final = trainer.model.merge_and_unload() if peft_cfg is not None else trainer.model
+    final.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    shutil.rmtree(sp.partial_dir / "input-merged", ignore_errors=True)
+
+    write_metrics(out, metrics)
+    output = {"kind": "reward_model", "path": "model", "loader": "transformers.AutoModelForSequenceClassification"}
+    return {"type": "reward", "output": output, "metrics": metrics}

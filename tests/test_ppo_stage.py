@@ -1,0 +1,101 @@
+"""The `ppo` stage in a recipe: SFT -> reward -> PPO -> eval on a tiny model, skip on re-run, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import align, write_recipe
+from test_preference_stages import PY, REWARD, SFT, TRAIN, chain_recipe
+
+PPO_TRAIN = {
+    "max_steps": 4,
+    "batch_size": 4,
+    "mini_batch_size": 2,
+    "ppo_epochs": 2,
+    "max_new_tokens": 6,
+    "learning_rate": 1e-3,
+    "save_steps": 2,
+}
+PPO = {
+    "name": "ppo",
+    "type": "ppo",
+    "data": "pairs",
+    "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+    "train": PPO_TRAIN,
+    "launch": PY,
+}
+STEP_KEYS = {"reward_mean", "kl", "entropy", "clipfrac", "value_loss", "approx_kl", "policy_loss"}
+
+
+@pytest.fixture(scope="module")
+def rlhf(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("rlhf")
+    stages = [
+        SFT,
+        {**REWARD, "train": {**TRAIN, "max_steps": 2}},
+        PPO,
+        {"name": "eval", "type": "eval", "targets": ["base", "sft", "ppo"], "tasks": [{"data": "sft"}]},
+    ]
+    path = write_recipe(tmp, chain_recipe(tmp, tiny_llama, stages))
+    res = align("run", str(path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp, path
+
+
+def test_ppo_runs_in_the_chain_and_logs_every_step(rlhf) -> None:
+    tmp, _ = rlhf
+    run = tmp / "runs" / "chain"
+    info = json.loads((run / "ppo" / "stage.json").read_text())
+    assert info["output"]["kind"] == "adapter" and (run / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert isinstance(info["output"]["base"], dict)  # the SFT adapter it started from
+    m = info["metrics"]
+    assert m["steps"] == 4 and math.isfinite(m["reward_last"]) and math.isfinite(m["kl_last"])
+    log = [json.loads(x) for x in (run / "ppo" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(set(r) >= STEP_KEYS for r in log)
+    inputs = json.loads((run / "ppo" / "inputs.json").read_text())
+    assert {"sft", "rm"} <= set(inputs)  # policy and reward model, with their hashes
+    ev = json.loads((run / "eval" / "stage.json").read_text())["metrics"]
+    assert "ppo/sft/perplexity" in ev
+
+
+def test_rlhf_second_run_skips_everything(rlhf) -> None:
+    _, path = rlhf
+    res = align("run", str(path))
+    assert res.returncode == 0 and res.stdout.count("done, skipped") == 4, res.stdout
+
+
+def test_kill_during_ppo_then_resume(tmp_path, tiny_llama) -> None:
+    stage = {**PPO, "reward": "rewards:short_and_sum", "train": {**PPO_TRAIN, "max_steps": 40, "save_steps": 2}}
+    path = write_recipe(tmp_path, chain_recipe(tmp_path, tiny_llama, [stage]))
+    ck_dir = tmp_path / "runs" / "chain" / ".partial" / "ppo" / "checkpoints"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((c / "trainer_state.json").is_file() for c in ck_dir.glob("checkpoint-*")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = sorted(
+        int(c.name.split("-")[1]) for c in ck_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()
+    )
+    assert kept, "no checkpoint was written before the kill"
+    assert "resumable" in align("plan", str(path)).stdout
+    res = align("run", str(path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "runs" / "chain" / "ppo" / "stage.json").read_text())["metrics"]
+    assert m["resumed_from"] is not None and int(m["resumed_from"].split("-")[1]) >= kept[0]
+    assert m["steps"] == 40
+    log = [json.loads(x) for x in (tmp_path / "runs" / "chain" / "ppo" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 40
