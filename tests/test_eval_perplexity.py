@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from test_eval_mmlu import make_model, make_tokenizer
 
 from align.evaluation.perplexity import perplexity
-from tests.test_eval_mmlu import make_model, make_tokenizer
 
 TEXT = "the other ones were there, then the three threw their things there."
 PREFIX = "the other ones were there,"

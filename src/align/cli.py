@@ -233,18 +233,34 @@ def render_summary(plan: Any, rows: list[dict[str, Any]], seconds: float) -> str
     for row in rows:
         info = read_stage_json(plan.get(row["name"]).final_dir) or {}
         m = info.get("metrics", {})
-        if row["type"] == "sft":
-            head = (
-                f"loss {m.get('first_loss', float('nan')):.3f} -> {m.get('last_loss', float('nan')):.3f}, "
-                f"{m.get('steps')} steps, {m.get('tokens_per_s', 0):.0f} tok/s"
-            )
-        else:
-            head = "see summary.md"
+        head = headline(row["type"], m)
         lines.append(f"  {row['name']:<16}{row['status']:<9}{row['seconds']:>7.0f}s  {head}")
     for sp in plan.stages:
         if sp.stage.type == "eval" and (sp.final_dir / "summary.md").is_file():
             lines += ["", f"{sp.name}:", (sp.final_dir / "summary.md").read_text().rstrip()]
     return "\n".join(lines)
+
+
+def headline(stage_type: str, m: dict[str, Any]) -> str:
+    """One line of the metrics that say whether a stage worked."""
+
+    def f(key: str, fmt: str = ".3f") -> str:
+        v = m.get(key)
+        return format(v, fmt) if isinstance(v, int | float) else "-"
+
+    loss = f"loss {f('first_loss')} -> {f('last_loss')}, {m.get('steps')} steps"
+    if stage_type == "sft":
+        return f"{loss}, {f('tokens_per_s', '.0f')} tok/s"
+    if stage_type == "reward":
+        return (
+            f"{loss}; held-out accuracy {f('eval_accuracy_before')} -> {f('eval_accuracy')}, margin {f('eval_margin')}"
+        )
+    if stage_type in ("dpo", "kto", "orpo"):
+        acc = f"reward accuracy {f('eval_reward_accuracies_before')} -> {f('eval_reward_accuracies')}"
+        return f"{loss}; held-out {acc}" if "eval_reward_accuracies" in m else loss
+    if stage_type in ("ppo", "grpo", "rloo"):
+        return f"{m.get('steps')} steps, reward {f('reward_first')} -> {f('reward_last')}, KL {f('kl_last')}"
+    return "see summary.md"
 
 
 if __name__ == "__main__":
