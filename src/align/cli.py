@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from align import __version__
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes warns on import that an optional CPU kernel package is missing; it is optional.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.command in ("run", "stage") and threading.current_thread() is threading.main_thread():
+        # A shell starts background jobs with SIGINT ignored, and children inherit that; `kill -INT` (or a
+        # CI runner's cancel) must still checkpoint and stop, so take the default Ctrl-C behaviour back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "plan":
             return cmd_plan(args)
