@@ -11,6 +11,7 @@ from the policy's backbone with a zero head. Runs under `accelerate launch` like
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 from pathlib import Path
@@ -153,17 +154,18 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         raise RecipeError(f"every prompt is longer than {MAX_PROMPT_TOKENS} tokens", f"stages.{stage.name}.data")
 
     # models: policy + adapter (reference = adapter disabled), reward, value
+    # each model is read from disk once; the value model trains a copy of what it starts from
     policy = load_policy(plan, source)
     set_pad(policy, tokenizer)
-    policy = get_peft_model(policy, peft_config(stage.adapter))
     if reward_is_function(plan, stage):
         reward_fn = function_reward(load_function(plan, stage), tokenizer)
-        value = ValueModel.from_causal_lm(load_policy(plan, source))
+        value = ValueModel.from_causal_lm(copy.deepcopy(policy))
     else:
         classifier, _ = load_reward_model(plan, sp)
+        value = ValueModel.from_sequence_classifier(copy.deepcopy(classifier))
         classifier.to(accelerator.device)
         reward_fn = model_reward(classifier, tokenizer.pad_token_id)
-        value = ValueModel.from_sequence_classifier(load_reward_model(plan, sp)[0])
+    policy = get_peft_model(policy, peft_config(stage.adapter))
 
     # trainer
     guard = Guard(out / "train_log.jsonl", sp.partial_dir)
@@ -189,7 +191,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         return None
 
     # save
-    unwrapped = accelerator.unwrap_model(trainer.policy) if hasattr(trainer, "policy") else policy
+    unwrapped = accelerator.unwrap_model(trainer.policy)
     output, merged = save_policy(
         types.SimpleNamespace(model=unwrapped), tokenizer, out, source, adapter=True, merge=stage.merge
     )
