@@ -112,6 +112,12 @@ def _resolve_hub(repo_id: str, revision: str | None, materialize: bool) -> Resol
     return ResolvedModel("hub", repo_id, Path(path))
 
 
+def plan_tokenizer(plan: Any) -> Any:
+    """The run's tokenizer, one for every stage: the base model's, with the recipe's chat template."""
+    m = plan.recipe.model
+    return load_tokenizer(Path(plan.base.path), trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
+
+
 def load_tokenizer(path: Path, *, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
     from transformers import AutoTokenizer
 

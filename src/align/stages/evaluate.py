@@ -87,13 +87,13 @@ def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
 
 
 def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
-    from align.models import load_tokenizer
+    from align.models import plan_tokenizer
     from align.pipeline import input_artifact, write_common
 
     stage, recipe = sp.stage, plan.recipe
     # config
     write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "targets": sp.inputs})
-    tokenizer = load_tokenizer(Path(plan.base.path), chat_template=recipe.model.chat_template)
+    tokenizer = plan_tokenizer(plan)
     # data
     texts, specs = {}, {}
     for task in stage.tasks:

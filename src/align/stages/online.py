@@ -185,19 +185,17 @@ def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
 
 
 def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
-    from align.models import load_tokenizer, peft_config
+    from align.models import peft_config, plan_tokenizer
     from align.pipeline import input_artifact, write_common
     from align.trl_compat import trainer_class
 
-    stage, recipe = sp.stage, plan.recipe
+    stage = sp.stage
     # config
     args_dict = resolved_train_args(plan, sp, sp.partial_dir)
     write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": args_dict})
     args = TRAINER_CONFIG[stage.type](**args_dict)
     source = input_artifact(plan, sp.inputs[0])
-    tokenizer = load_tokenizer(
-        Path(plan.base.path), trust_remote_code=recipe.model.trust_remote_code, chat_template=recipe.model.chat_template
-    )
+    tokenizer = plan_tokenizer(plan)
     chat = bool(tokenizer.chat_template)
 
     # data

@@ -130,20 +130,18 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     from accelerate import Accelerator
     from peft import get_peft_model
 
-    from align.models import load_tokenizer, peft_config
+    from align.models import peft_config, plan_tokenizer
     from align.pipeline import input_artifact, latest_checkpoint, write_common
     from align.ppo import PPOTrainer, ValueModel
 
-    stage, recipe = sp.stage, plan.recipe
+    stage = sp.stage
     # config
     cfg = config(plan, sp)
     write_common(
         sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": dataclasses.asdict(cfg)}
     )
     source = input_artifact(plan, sp.inputs[0])
-    tokenizer = load_tokenizer(
-        Path(plan.base.path), trust_remote_code=recipe.model.trust_remote_code, chat_template=recipe.model.chat_template
-    )
+    tokenizer = plan_tokenizer(plan)
     chat = bool(tokenizer.chat_template)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
 

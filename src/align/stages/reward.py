@@ -98,7 +98,7 @@ def load_classifier(plan: Any, source: dict[str, Any], work: Path, tokenizer: An
 
 
 def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
-    from align.models import load_tokenizer, peft_config
+    from align.models import peft_config, plan_tokenizer
     from align.pipeline import input_artifact, write_common
     from align.trl_compat import trainer_class
 
@@ -108,9 +108,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": args_dict})
     args = RewardConfig(**args_dict)
     source = input_artifact(plan, sp.inputs[0])
-    tokenizer = load_tokenizer(
-        Path(plan.base.path), trust_remote_code=recipe.model.trust_remote_code, chat_template=recipe.model.chat_template
-    )
+    tokenizer = plan_tokenizer(plan)
     chat = bool(tokenizer.chat_template)
 
     # data

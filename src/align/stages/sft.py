@@ -125,7 +125,7 @@ def _has_eval_split(plan: Any, stage: Any) -> bool:
 def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     import torch
 
-    from align.models import load_tokenizer, peft_config, torch_dtype
+    from align.models import peft_config, plan_tokenizer, torch_dtype
     from align.pipeline import input_artifact, write_common
     from align.trl_compat import SFTTrainer
 
@@ -135,9 +135,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": args_dict})
     args = SFTConfig(**args_dict)
     source = input_artifact(plan, sp.inputs[0])
-    tokenizer = load_tokenizer(
-        Path(plan.base.path), trust_remote_code=recipe.model.trust_remote_code, chat_template=recipe.model.chat_template
-    )
+    tokenizer = plan_tokenizer(plan)
     chat = bool(tokenizer.chat_template)
 
     # data
