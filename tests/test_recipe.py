@@ -10,7 +10,7 @@ from conftest import ROOT, alpaca_rows, sft_recipe, write_jsonl, write_recipe
 
 from align.cli import main
 from align.errors import RecipeError
-from align.recipe import apply_overrides, deep_merge, load_recipe
+from align.recipe import apply_overrides, deep_merge, load_recipe, load_yaml_text
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
@@ -172,6 +172,16 @@ def test_overrides_by_name_and_index(tmp_path, good):
     assert data["stages"][0]["adapter"]["target_modules"] == ["q_proj", "v_proj"]
     with pytest.raises(RecipeError, match="did you mean `sft`"):
         apply_overrides(good, ["stages.sfd.train.max_steps=3"])
+
+
+def test_exponent_floats_are_numbers(tmp_path, good):
+    """PyYAML (YAML 1.1) reads `3e-4` as a string; recipes and overrides read it as the number."""
+    data = apply_overrides(good, ["stages.0.train.learning_rate=3e-4", "stages.0.train.max_steps=5"])
+    assert data["stages"][0]["train"]["learning_rate"] == 3e-4
+    assert data["stages"][0]["train"]["max_steps"] == 5 and isinstance(data["stages"][0]["train"]["max_steps"], int)
+    loaded = load_yaml_text("lr: 1e-5\nquoted: '1e3'\nn: 5\nf: 1.5\nneg: -2E+3\n")
+    assert loaded == {"lr": 1e-5, "quoted": "1e3", "n": 5, "f": 1.5, "neg": -2000.0}  # quoted stays a string
+    assert isinstance(loaded["n"], int)
 
 
 def test_override_on_cli_is_validated(tmp_path, good, capsys):

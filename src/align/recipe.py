@@ -7,6 +7,7 @@ arguments are checked against the installed TRL config class instead of being re
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -290,11 +291,27 @@ def _dataset_refs(st: AnyStage) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- loading, extends, overrides
 
 
+class YamlLoader(yaml.SafeLoader):
+    """Safe YAML (no object tags) that reads `3e-4` as a number: PyYAML follows YAML 1.1, where a float
+    needs a dot, so a learning rate written `3e-4` would otherwise arrive as the string "3e-4"."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", "recipe")
     try:
-        data = yaml.safe_load(path.read_text())  # safe: no object tags
+        data = load_yaml_text(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"not valid YAML: {e}", str(path)) from None
     if not isinstance(data, dict):
@@ -373,7 +390,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise RecipeError(f"`{ov}` is not of the form key.path=value", "override")
         key, raw = ov.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml_text(raw)
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
