@@ -10,7 +10,8 @@ from conftest import ROOT, alpaca_rows, sft_recipe, write_jsonl, write_recipe
 
 from align.cli import main
 from align.errors import RecipeError
-from align.recipe import apply_overrides, deep_merge, load_recipe, load_yaml_text
+from align.recipe import apply_overrides, deep_merge, load_recipe
+from align.yamlio import load_yaml_text
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 

@@ -7,7 +7,6 @@ arguments are checked against the installed TRL config class instead of being re
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -15,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from align.errors import RecipeError, did_you_mean
+from align.yamlio import load_yaml_text
 
 AdapterType = Literal["lora", "dora", "qlora", "full"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text", "preference", "hh_rlhf"]
@@ -289,22 +289,6 @@ def _dataset_refs(st: AnyStage) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------- loading, extends, overrides
-
-
-class YamlLoader(yaml.SafeLoader):
-    """Safe YAML (no object tags) that reads `3e-4` as a number: PyYAML follows YAML 1.1, where a float
-    needs a dot, so a learning rate written `3e-4` would otherwise arrive as the string "3e-4"."""
-
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def load_yaml_text(text: str) -> Any:
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

@@ -33,8 +33,9 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from align.yamlio import load_yaml_text
 
 TASKS_DIR = Path("evaluation") / "tasks"
 
@@ -189,7 +190,7 @@ def load_task(path_or_name: str | Path, tasks_dir: str | Path | None = None) -> 
             known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.y*ml")})
             raise FileNotFoundError(f"no task named {path_or_name!r} in {[str(d) for d in dirs]}; known: {known}")
         path = found[0]
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = load_yaml_text(path.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise TaskSpecError(f"{path}: expected a mapping at the top level")
     try:
