@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         help="re-run STAGE (and what depends on it) even if done; repeatable",
     )
     run.add_argument("--only", metavar="STAGE", help="run just this stage (its inputs must be done)")
+    add_launch(run)
     stage = add(
         "stage",
         "run one stage in this process (what `align run` launches; use under your own "
@@ -87,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
         "default 2se where stderrs exist, else 1%%",
     )
     return p
+
+
+def add_launch(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--accelerate-config",
+        metavar="NAME|PATH",
+        help="launch every training stage with this accelerate config (a name in accelerate_configs/: cpu, "
+        "multi_cpu, single_gpu, multi_gpu, deepspeed_zero2, deepspeed_zero3, ..., or a YAML path); "
+        "wins over each stage's `launch:`",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="processes per training stage (GPUs, or CPU processes with multi_cpu); wins over `launch:`",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,10 +236,14 @@ def _writes(st: Any) -> str:
 def cmd_run(args: Any) -> int:
     import time
 
+    from align.errors import RecipeError
     from align.pipeline import make_plan, run
 
     t0 = time.time()
     plan = make_plan(args.recipe, args.overrides)
+    if args.num_processes is not None and args.num_processes < 1:
+        raise RecipeError(f"must be at least 1 (got {args.num_processes})", "--num-processes")
+    plan.launch_config, plan.launch_processes = args.accelerate_config, args.num_processes
     if args.only:
         plan.recipe.stage(args.only)
     print(render_plan(plan), flush=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from align import __version__
+from align import __version__, distributed
 from align.data import dataset_identity, file_hash
 from align.errors import AlignError, RecipeError, StageFailed
 from align.models import ResolvedModel, resolve_model
@@ -66,6 +66,9 @@ class Plan:
     base: ResolvedModel
     stages: list[StagePlan] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # `align run --accelerate-config/--num-processes`: the launch of every training stage for this run
+    launch_config: str | None = None
+    launch_processes: int | None = None
 
     def get(self, name: str) -> StagePlan:
         return next(p for p in self.stages if p.name == name)
@@ -220,7 +223,7 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
 
 def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
     """Start the stage process (under `accelerate launch` by default) and wait for it."""
-    launch = getattr(sp.stage, "launch", None)
+    launch = effective_launch(plan, sp)
     stage_args = ["-m", "align", "stage", str(plan.recipe_path), sp.name, *plan.overrides]
     if fresh:
         stage_args.append("--fresh")
@@ -249,6 +252,19 @@ def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
         raise RecipeError(f"stage `{sp.name}` rejected its input (see the message above)", sp.name)
     if code != 0:
         raise StageFailed(f"stage `{sp.name}` failed (exit {code}); its partial state is in {sp.partial_dir}")
+
+
+def effective_launch(plan: Plan, sp: StagePlan) -> Any:
+    """The stage's `launch:` with this run's command-line launch (if any) on top; None for a plain process."""
+    launch = getattr(sp.stage, "launch", None)
+    if sp.stage.type == "eval" or (plan.launch_config is None and plan.launch_processes is None):
+        return launch  # the command line sets the training stages; an eval stage keeps its own `launch:`
+    update: dict[str, Any] = {"mode": "accelerate"}
+    if plan.launch_config is not None:
+        update["accelerate_config"] = plan.launch_config
+    if plan.launch_processes is not None:
+        update["num_processes"] = plan.launch_processes
+    return launch.model_copy(update=update)
 
 
 def check_hub_datasets(plan: Plan) -> None:
@@ -368,7 +384,9 @@ def library_versions() -> dict[str, str]:
 
 
 def write_common(sp: StagePlan, plan: Plan, out: Path, resolved: dict[str, Any]) -> None:
-    """The files every stage writes: resolved config, inputs with hashes, library versions."""
+    """The files every stage writes: resolved config, inputs with hashes, library versions (main process)."""
+    if not distributed.is_main():
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     inputs: dict[str, Any] = {"model": {"kind": plan.base.kind, "ref": plan.base.ref, "path": str(plan.base.path)}}
@@ -396,7 +414,10 @@ def input_artifact(plan: Plan, src: str) -> dict[str, Any]:
 
 
 def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fresh: bool = False) -> None:
-    """The stage process: plan, take the stage lock, run the stage module, finalize on the main process."""
+    """The stage process: plan, take the stage lock, run the stage module, finalize on the main process.
+
+    Under N processes the main process alone takes the lock, (re)creates the partial folder and writes its
+    marker while the others wait at a barrier; every rank then runs the stage; the main process finalizes."""
     from align.stages import run_stage
 
     plan = make_plan(recipe_path, overrides, materialize=True)
@@ -406,8 +427,9 @@ def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fr
     if sp.status == "done" and not fresh:
         print(f"[align] {sp.name}: already done", flush=True)
         return
-    main = int(os.environ.get("RANK", "0")) == 0
-    sp.partial_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        sp.partial_dir.mkdir(parents=True, exist_ok=True)
     lock = run_lock(sp.partial_dir.parent, f"{sp.name}.lock", wait_s=120) if main else contextlib.nullcontext()
     with lock:
         marker = sp.partial_dir / "fingerprint"
@@ -415,6 +437,7 @@ def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fr
             shutil.rmtree(sp.partial_dir, ignore_errors=True)
             sp.partial_dir.mkdir(parents=True)
             marker.write_text(sp.fingerprint or "")
+        distributed.barrier()  # the other ranks start only once the partial folder is in place
         out = sp.partial_dir / "out"
         record = run_stage(plan, sp, out)
         if main and record is not None:

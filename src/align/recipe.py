@@ -168,6 +168,11 @@ class EvalStage(_StageBase):
     )
     tasks: list[EvalTask] = Field(min_length=1)
     batch_size: int = Field(8, gt=0)
+    launch: LaunchSpec = Field(
+        default_factory=lambda: LaunchSpec(mode="python"),
+        description="one plain process by default; with accelerate and N processes the items are sharded "
+        "across them (whole batches per rank, so the result equals one process's)",
+    )
 
 
 AnyStage = SFTStage | RewardStage | PreferenceStage | OnlineRLStage | EvalStage

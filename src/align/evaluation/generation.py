@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from align import distributed
+
 References = Sequence[str | Sequence[str]]
 ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -118,6 +120,7 @@ def generate(
 
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
+    computed: list[int] = []
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -128,7 +131,10 @@ def generate(
                 disable=not progress,
                 total=(len(order) + batch_size - 1) // batch_size,
             ):
+                if not distributed.mine(s // batch_size):
+                    continue  # another rank generates this batch
                 idx = order[s : s + batch_size]
+                computed.extend(idx)
                 width = max(len(encoded[i]) for i in idx)
                 ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -148,6 +154,9 @@ def generate(
                     outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
     finally:
         model.train(was_training)
+    if distributed.world_size() > 1:
+        done = distributed.merge_gathered({i: outputs[i] for i in computed})
+        outputs = [done[i] for i in range(len(prompts))]
     return outputs
 
 

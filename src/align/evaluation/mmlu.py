@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from align import distributed
 from align.evaluation.metrics import mean_stderr, pooled_stderr, weighted_mean
 
 LETTERS: tuple[str, str, str, str] = ("A", "B", "C", "D")
@@ -512,7 +513,11 @@ def evaluate_mmlu(
                 bar.set_postfix_str(name)
                 scorer = _PrefixScorer(model, prefix, device, pad_id)
                 ll = [[0.0] * 4 for _ in subject.test]
-                for batch in _length_batches(rows, batch_size, max_padding):
+                mine: dict[tuple[int, int], float] = {}
+                for bi, batch in enumerate(_length_batches(rows, batch_size, max_padding)):
+                    if not distributed.mine(bi):
+                        bar.update(len(batch))
+                        continue  # another rank scores this batch
                     logp = scorer.logprobs(batch)
                     keep = logp.shape[1]
                     # one gather (and one device->host copy) for every target token of the batch
@@ -527,9 +532,11 @@ def evaluate_mmlu(
                     k = 0
                     for row in batch:
                         for qi, ci, cont in row.targets:
-                            ll[qi][ci] = sum(values[k : k + len(cont)])
+                            mine[(qi, ci)] = sum(values[k : k + len(cont)])
                             k += len(cont)
                     bar.update(len(batch))
+                for (qi, ci), v in distributed.merge_gathered(mine).items():
+                    ll[qi][ci] = v
                 correct = []
                 for qi, q in enumerate(subject.test):
                     pred = max(range(4), key=lambda c: (ll[qi][c], -c))  # first max, like argmax

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from align import distributed
+
 
 @dataclass
 class PerplexityResult:
@@ -55,10 +57,12 @@ def perplexity(
                 break
     device = next(model.parameters()).device
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    parts: dict[int, tuple[float, int]] = {}  # batch index -> (summed NLL, predicted tokens)
     windows.sort(key=lambda w: len(w[0]))  # similar lengths together: less padding
     with torch.no_grad():
         for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", leave=False):
+            if not distributed.mine(i // batch_size):
+                continue  # another rank scores this batch
             batch = windows[i : i + batch_size]
             width = max(len(w[0]) for w in batch)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -76,7 +80,9 @@ def perplexity(
                 ignore_index=-100,
                 reduction="sum",
             )
-            total_nll += nll.item()
-            total_tokens += int((shift_labels != -100).sum())
+            parts[i // batch_size] = (nll.item(), int((shift_labels != -100).sum()))
+    parts = distributed.merge_gathered(parts)
+    total_nll = sum(parts[b][0] for b in sorted(parts))  # one summation order whatever the world size
+    total_tokens = sum(parts[b][1] for b in sorted(parts))
     mean = total_nll / max(total_tokens, 1)
     return PerplexityResult(math.exp(min(mean, 700)), mean, total_tokens, len(texts))

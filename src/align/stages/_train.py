@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from align import distributed
 from align.data import check_format, data_files, is_local, mix, peek_rows, train_eval_split
 from align.errors import NonFiniteLoss, RecipeError
 
@@ -105,18 +106,50 @@ def load_pairs(plan: Any, stage: Any, convert: Any) -> tuple[Any, Any | None]:
 # ---------------------------------------------------------------- model
 
 
-def load_policy(plan: Any, source: dict[str, Any], **kw: Any) -> Any:
+def load_policy(plan: Any, source: dict[str, Any], work: Path | None = None, **kw: Any) -> Any:
     """The causal LM a stage starts from: the base folder, or an earlier stage's adapter folded into its base."""
-    from align.models import load_causal_lm, load_for_inference
+    from align.models import load_causal_lm
 
     dtype = plan.recipe.model.dtype
-    if source["kind"] == "model":
-        return load_causal_lm(
-            Path(source["path"]), dtype=dtype, trust_remote_code=plan.recipe.model.trust_remote_code, **kw
-        )
-    if kw:
+    if source["kind"] != "model" and kw:
         raise RecipeError("4-bit loading needs a full model as input, not an adapter", "adapter.type")
-    return load_for_inference(source, dtype=dtype).merge_and_unload()
+    folder = input_folder(plan, source, work)
+    if folder is None:  # one process or no ZeRO-3: fold the adapter in memory
+        from align.models import load_for_inference
+
+        return load_for_inference(source, dtype=dtype).merge_and_unload()
+    return load_causal_lm(folder, dtype=dtype, trust_remote_code=plan.recipe.model.trust_remote_code, **kw)
+
+
+def zero3() -> bool:
+    """ZeRO-3 is active: transformers loads every model partitioned (a collective) from here on."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def input_folder(plan: Any, source: dict[str, Any], work: Path | None, *, always: bool = False) -> Path | None:
+    """A folder holding the whole input model. An adapter input is folded into its base by the main process
+    alone and saved once (under ZeRO-3 a fold in every rank would load partitioned weights); the other ranks
+    wait, then every rank loads the folder. None: fold in memory instead (no ZeRO-3 and not `always`)."""
+    if source["kind"] == "model":
+        return Path(source["path"])
+    if not (always or zero3()) or work is None:
+        return None
+    from align.models import load_for_inference
+
+    folder = work / "input-merged"
+    if distributed.is_main() and not (folder / "config.json").is_file():
+        with distributed.no_zero_init():
+            tmp = work / "input-merged.tmp"
+            load_for_inference(source, dtype=plan.recipe.model.dtype).merge_and_unload().save_pretrained(
+                tmp, safe_serialization=True
+            )
+            tmp.rename(folder)
+    distributed.barrier()
+    return folder
 
 
 def base_of(source: dict[str, Any]) -> Any:
@@ -133,70 +166,119 @@ def set_pad(model: Any, tokenizer: Any) -> None:
 
 
 def trainable_snapshot(model: Any) -> dict[str, Any]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable weights before training (gathered under ZeRO-3; a collective there)."""
+    return distributed.trainable_state(model)
 
 
-def changed_count(model: Any, before: dict[str, Any]) -> int:
+def changed_count(before: dict[str, Any], after: dict[str, Any]) -> int:
     import torch
 
-    return sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
+    return sum(int(not torch.equal(before[n], t)) for n, t in after.items() if n in before)
 
 
 # ---------------------------------------------------------------- train
 
 
-def train(trainer: Any, sp: Any, guard: Guard) -> Any:
-    """Resume from the newest complete checkpoint of this exact configuration; Ctrl-C saves and stops."""
+class EvalBefore(TrainerCallback):
+    """Held-out metrics before training, taken once the trainer has wrapped the model for DDP/DeepSpeed.
+
+    A `trainer.evaluate()` before `train()` prepares the model unwrapped, and the DDP wrap is then skipped:
+    every rank trains its own weights. On a resumed run the step-0 evaluation comes from the checkpoint's log.
+    """
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.metrics: dict[str, Any] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == 0:
+            self.metrics = self.trainer.evaluate()
+        else:
+            self.metrics = next((h for h in state.log_history if h.get("step") == 0 and "eval_loss" in h), {})
+
+
+def train(trainer: Any, sp: Any, guard: Guard, *, evaluate_before: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Resume from the newest complete checkpoint of this exact configuration; Ctrl-C saves and stops.
+
+    Returns the train result and, with `evaluate_before`, the held-out metrics before the first step."""
     from align.pipeline import latest_checkpoint
 
+    before = EvalBefore(trainer) if evaluate_before else None
+    if before is not None:
+        trainer.add_callback(before)
     resume = latest_checkpoint(sp)
-    if resume is not None:
+    if resume is not None and distributed.is_main():
         print(f"[align] {sp.name}: resuming from {resume.name}", flush=True)
     guard.resumed_from = resume.name if resume else None
     with guard.trap_sigint():
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if guard.interrupted:
+    if distributed.any_rank(guard.interrupted):
         trainer.accelerator.wait_for_everyone()
         raise KeyboardInterrupt
-    return result
+    return result, (before.metrics if before else {})
 
 
 def save_policy(
-    trainer: Any, tokenizer: Any, out: Path, source: dict[str, Any], *, adapter: bool, merge: bool
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    source: dict[str, Any],
+    *,
+    trained: dict[str, Any],
+    stage: str,
+    merge: bool,
+    trainer: Any = None,
 ) -> tuple[dict[str, Any], str | None]:
-    """Adapter (or full model) in safetensors with the tokenizer; optionally a merged copy."""
-    from align.models import load_for_inference
+    """Adapter (or full model) in safetensors with the tokenizer, read back and checked; optionally merged.
 
+    Called on every rank. An adapter is written from `trained`, the trainable weights gathered on every rank
+    (under ZeRO-3 `save_pretrained` on rank 0 alone writes 0-sized tensors); a full model goes through the
+    trainer's own save, which consolidates ZeRO-3 shards. The main process then verifies the files."""
+    adapter = hasattr(model, "peft_config")
     if adapter:
-        trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(out / "adapter")
         output = {"kind": "adapter", "path": "adapter", "base": base_of(source)}
+        if distributed.is_main():
+            model.save_pretrained(out / "adapter", state_dict=trained, safe_serialization=True)
+            if os.environ.get(distributed.FAULT_ENV) == "empty-adapter":
+                distributed.empty_safetensors(out / "adapter")  # tests: what ZeRO-3's rank-0-only save writes
     else:
-        trainer.save_model(str(out / "model"))
-        tokenizer.save_pretrained(out / "model")
         output = {"kind": "model", "path": "model"}
+        trainer.save_model(str(out / "model"))  # collective under ZeRO-3
     merged = None
-    if merge and adapter:
-        merged = "merged"
-        m = load_for_inference({**output, "path": str(out / output["path"])}).merge_and_unload()
-        m.save_pretrained(out / merged, safe_serialization=True)
-        tokenizer.save_pretrained(out / merged)
+    if distributed.is_main():
+        folder = out / output["path"]
+        (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in config.yaml
+        tokenizer.save_pretrained(folder)
+        distributed.verify_saved(folder, trained, stage=stage, peft_model=model if adapter else None)
+        if merge and adapter:
+            from align.models import load_for_inference
+
+            merged = "merged"
+            with distributed.no_zero_init():
+                m = load_for_inference({**output, "path": str(folder)}).merge_and_unload()
+            m.save_pretrained(out / merged, safe_serialization=True)
+            tokenizer.save_pretrained(out / merged)
+    distributed.barrier()
     return output, merged
 
 
-def train_metrics(trainer: Any, result: Any, guard: Guard, before: dict[str, Any]) -> dict[str, Any]:
-    model = trainer.model
-    m = {
+def train_metrics(
+    trainer: Any, result: Any, guard: Guard, before: dict[str, Any], trained: dict[str, Any]
+) -> dict[str, Any]:
+    return {
         "train_loss": result.training_loss,
         "first_loss": guard.first_loss,
         "last_loss": guard.last_loss,
         "steps": trainer.state.global_step,
         "train_runtime_s": result.metrics.get("train_runtime"),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "trainable_tensors_changed": changed_count(model, before),
+        "trainable_params": sum(t.numel() for t in trained.values()),
+        "trainable_tensors_changed": changed_count(before, trained),
         "resumed_from": guard.resumed_from,
+        "world_size": distributed.world_size(),
+        "peak_memory_bytes": distributed.peak_memory_bytes(),
+        "weights_sha256": distributed.state_hash(trained),
+        "trainable_dtype": str(next(iter(trained.values())).dtype).replace("torch.", "") if trained else None,
     }
-    return m
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:

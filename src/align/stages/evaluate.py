@@ -86,7 +86,8 @@ def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
     return {}
 
 
-def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
+def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
+    from align import distributed
     from align.models import plan_tokenizer
     from align.pipeline import input_artifact, write_common
 
@@ -120,6 +121,8 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any]:
         batch_size=stage.batch_size,
     )
     headline = {f"{r['target']}/{r['task']}/{r['metric']}": r["value"] for r in results}
+    if not distributed.is_main():
+        return None
     return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": headline}
 
 
@@ -138,25 +141,28 @@ def evaluate(
     and comparison.png (bars per target, stderr error bars).
 
     Shared by the eval stage and `align eval`."""
-    import torch
-
+    from align import distributed
     from align.evaluation.compare import SCHEMA
     from align.evaluation.perplexity import perplexity
     from align.evaluation.runner import run_task
     from align.models import load_for_inference
     from align.pipeline import library_versions
 
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # items are sharded across processes; the main process writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     predictions = out / "predictions.jsonl"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = distributed.device()
     for label, art in targets:
         model = load_for_inference(art, dtype=dtype).to(device).eval()
         head = {"target": label, "model": art["path"], "adapter": art["kind"] == "adapter"}
         for task in tasks:
             if task.task:
-                res = run_task(specs[task.task], model, tokenizer, root=ROOT, device=device)
+                res = run_task(specs[task.task], model, tokenizer, root=ROOT, device=device, progress=main)
                 results += [{**head, **r, "settings": {"limit": specs[task.task].limit}} for r in task_records(res)]
+                if not main:
+                    continue
                 with predictions.open("a") as fh:
                     row = {"target": label, "task": res["task"], "predictions": res.get("predictions")}
                     fh.write(json.dumps(row, default=str) + "\n")
@@ -190,7 +196,14 @@ def evaluate(
                 }
             )
         del model
-    metrics = {"schema": SCHEMA, "versions": library_versions(), "results": results}
+    if not main:
+        return results
+    metrics = {
+        "schema": SCHEMA,
+        "versions": library_versions(),
+        "processes": distributed.world_size(),
+        "results": results,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     table = summary_table(results)
     (out / "summary.md").write_text(table)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from align import distributed
 from align.data import file_hash, to_prompts
 from align.errors import RecipeError
 from align.recipe import reward_kind
@@ -206,7 +207,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         reward_funcs, reward_tok = load_function(plan, stage), None
     else:
         reward_funcs, reward_tok = load_reward_model(plan, sp)
-    model = load_policy(plan, source)
+    model = load_policy(plan, source, sp.partial_dir)
     set_pad(model, tokenizer)
     peft_cfg = None if stage.adapter.type == "full" else peft_config(stage.adapter)
 
@@ -224,16 +225,19 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     )
     before = trainable_snapshot(trainer.model)
 
-    # train
-    result = train(trainer, sp, guard)
-    if not trainer.is_world_process_zero():
+    # train (every rank), then prove on every rank what rank 0 saves
+    result, _ = train(trainer, sp, guard)
+    trained = distributed.check_ranks_agree(trainer.model, sp.name, out)
+
+    # save (every rank takes part; the main process writes and verifies)
+    output, merged = save_policy(
+        trainer.model, tokenizer, out, source, trained=trained, stage=sp.name, merge=stage.merge, trainer=trainer
+    )
+    if not distributed.is_main():
         return None
 
-    # save
-    output, merged = save_policy(trainer, tokenizer, out, source, adapter=peft_cfg is not None, merge=stage.merge)
-
     # metrics: the reward curve from the log
-    metrics = train_metrics(trainer, result, guard, before)
+    metrics = train_metrics(trainer, result, guard, before, trained)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards:
         k = max(1, min(5, len(rewards) // 2))

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 from pathlib import Path
 from typing import Any
 
+from align import distributed
 from align.data import to_prompts
 from align.errors import RecipeError
 from align.ppo import PPOConfig
@@ -144,6 +144,12 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     tokenizer = plan_tokenizer(plan)
     chat = bool(tokenizer.chat_template)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise RecipeError(
+            f"align's PPO runs under DDP only (it holds policy, value and reward models unsharded), not "
+            f"{accelerator.distributed_type.value}; launch it with `multi_gpu` (or `multi_cpu`)",
+            f"stages.{stage.name}.launch.accelerate_config",
+        )
 
     # data
     prompts_ds, _ = load_pairs(plan, stage, lambda ds, fmt: to_prompts(ds, fmt, chat=chat))
@@ -153,7 +159,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
 
     # models: policy + adapter (reference = adapter disabled), reward, value
     # each model is read from disk once; the value model trains a copy of what it starts from
-    policy = load_policy(plan, source)
+    policy = load_policy(plan, source, sp.partial_dir)
     set_pad(policy, tokenizer)
     if reward_is_function(plan, stage):
         reward_fn = function_reward(load_function(plan, stage), tokenizer)
@@ -185,14 +191,13 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         )
     if summary.get("interrupted"):
         raise KeyboardInterrupt
+    unwrapped = accelerator.unwrap_model(trainer.policy)
+    trained = distributed.check_ranks_agree(unwrapped, sp.name, out)
+
+    # save (every rank takes part; the main process writes and verifies)
+    output, merged = save_policy(unwrapped, tokenizer, out, source, trained=trained, stage=sp.name, merge=stage.merge)
     if not accelerator.is_main_process:
         return None
-
-    # save
-    unwrapped = accelerator.unwrap_model(trainer.policy)
-    output, merged = save_policy(
-        types.SimpleNamespace(model=unwrapped), tokenizer, out, source, adapter=True, merge=stage.merge
-    )
 
     # metrics
     history = summary.get("history", [])
@@ -205,7 +210,10 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         "prompts": len(prompts),
         "prompts_skipped_too_long": skipped,
         "resumed_from": resume.name if resume else None,
-        "trainable_params": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
+        "trainable_params": sum(t.numel() for t in trained.values()),
+        "world_size": accelerator.num_processes,
+        "peak_memory_bytes": distributed.peak_memory_bytes(),
+        "weights_sha256": distributed.state_hash(trained),
         "seconds": sum(h.get("seconds", 0.0) for h in history),
     }
     write_metrics(out, metrics)

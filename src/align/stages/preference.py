@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from align import distributed
 from align.data import to_preference
 from align.stages._train import (
     TRAIN_DEFAULTS,
@@ -103,7 +104,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     train_ds, eval_ds, heldout = holdout(train_ds, eval_ds, recipe.seed)
 
     # model: the policy; the reference is the same weights with the adapter disabled
-    model = load_policy(plan, source)
+    model = load_policy(plan, source, sp.partial_dir)
     set_pad(model, tokenizer)
     peft_cfg = None if stage.adapter.type == "full" else peft_config(stage.adapter)
 
@@ -121,18 +122,18 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         **kw,
     )
     before = trainable_snapshot(trainer.model)
-    ev_before = trainer.evaluate() if eval_ds is not None else {}
 
-    # train
-    result = train(trainer, sp, guard)
-    if not trainer.is_world_process_zero():
-        return None
+    # train (the "before" evaluation runs once the model is wrapped, on every rank)
+    result, ev_before = train(trainer, sp, guard, evaluate_before=eval_ds is not None)
+    trained = distributed.check_ranks_agree(trainer.model, sp.name, out)
 
-    # save
-    output, merged = save_policy(trainer, tokenizer, out, source, adapter=peft_cfg is not None, merge=stage.merge)
+    # save (every rank takes part; the main process writes and verifies)
+    output, merged = save_policy(
+        trainer.model, tokenizer, out, source, trained=trained, stage=sp.name, merge=stage.merge, trainer=trainer
+    )
 
-    # metrics
-    metrics = train_metrics(trainer, result, guard, before)
+    # metrics (every rank takes part in the evaluation)
+    metrics = train_metrics(trainer, result, guard, before, trained)
     metrics["heldout"] = heldout
     if eval_ds is not None:
         ev = trainer.evaluate()
@@ -142,5 +143,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
                 name = key.replace("eval_rewards/", "eval_reward_")
                 metrics[name] = ev[key]
                 metrics[f"{name}_before"] = ev_before.get(key)
+    if not distributed.is_main():
+        return None
     write_metrics(out, metrics)
     return {"type": stage.type, "output": output, "merged": merged, "metrics": metrics}

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from align import distributed
 from align.data import to_preference
 from align.stages._train import (
     LORA_LEARNING_RATE,
@@ -23,7 +24,6 @@ from align.stages._train import (
     check_trl_args,
     device_args,
     load_pairs,
-    load_policy,
     set_pad,
     train,
     train_metrics,
@@ -76,25 +76,62 @@ def holdout(train_ds: Any, eval_ds: Any, seed: int) -> tuple[Any, Any, str]:
 
 def load_classifier(plan: Any, source: dict[str, Any], work: Path, tokenizer: Any) -> Any:
     """A one-label sequence classifier on the input model's backbone (its head is new, seeded)."""
+    from align.stages._train import input_folder
+
+    folder = input_folder(plan, source, work, always=True)  # the classifier loads from a folder
+    model = classifier_from(plan, folder, seed=plan.recipe.seed)
+    set_pad(model, tokenizer)
+    return model
+
+
+def classifier_from(plan: Any, folder: Path, *, seed: int) -> Any:
     from transformers import AutoModelForSequenceClassification, set_seed
 
     from align.models import torch_dtype
 
-    folder = Path(source["path"])
-    if source["kind"] != "model":  # fold the adapter in and save once: the classifier loads from a folder
-        folder = work / "input-merged"
-        if not (folder / "config.json").is_file():
-            load_policy(plan, source).save_pretrained(folder, safe_serialization=True)
-    set_seed(plan.recipe.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    set_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(
         folder,
         num_labels=1,
         dtype=torch_dtype(plan.recipe.model.dtype),
         use_safetensors=True,
         trust_remote_code=plan.recipe.model.trust_remote_code,
     )
-    set_pad(model, tokenizer)
-    return model
+
+
+def save_reward_model(
+    plan: Any, sp: Any, trainer: Any, tokenizer: Any, out: Path, source: dict[str, Any], trained: dict[str, Any]
+) -> None:
+    """Always a merged classifier, so PPO/GRPO load it with transformers alone.
+
+    With an adapter: the gathered adapter is written and verified, then the main process folds it into a
+    fresh copy of the input classifier (never the sharded in-training one) and the merged model is checked
+    against the adapter's parameter count."""
+    from peft import PeftModel
+
+    from align.stages._train import input_folder, save_policy
+
+    if not hasattr(trainer.model, "peft_config"):
+        save_policy(trainer.model, tokenizer, out, source, trained=trained, stage=sp.name, merge=False, trainer=trainer)
+        return
+    adapter_dir = sp.partial_dir / "reward-adapter"
+    save_policy(trainer.model, tokenizer, adapter_dir, source, trained=trained, stage=sp.name, merge=False)
+    folder = input_folder(plan, source, sp.partial_dir, always=True)  # every rank: it may wait at a barrier
+    if distributed.is_main():
+        with distributed.no_zero_init():
+            base = classifier_from(plan, folder, seed=plan.recipe.seed)
+            set_pad(base, tokenizer)
+            merged = PeftModel.from_pretrained(base, adapter_dir / "adapter").merge_and_unload()
+        merged.save_pretrained(out / "model", safe_serialization=True)
+        tokenizer.save_pretrained(out / "model")
+        saved = distributed.saved_tensors(out / "model")
+        empty = [k for k, t in saved.items() if t.numel() == 0]
+        if not saved or empty:
+            from align.errors import StageFailed
+
+            raise StageFailed(f"stage `{sp.name}`: the merged reward model in {out / 'model'} is empty or broken")
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        shutil.rmtree(sp.partial_dir / "input-merged", ignore_errors=True)
 
 
 def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
@@ -131,15 +168,13 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         callbacks=[guard],
     )
     before = trainable_snapshot(trainer.model)
-    ev_before = trainer.evaluate() if eval_ds is not None else {}
 
-    # train
-    result = train(trainer, sp, guard)
-    if not trainer.is_world_process_zero():
-        return None
+    # train (the "before" evaluation runs once the model is wrapped, on every rank)
+    result, ev_before = train(trainer, sp, guard, evaluate_before=eval_ds is not None)
+    trained = distributed.check_ranks_agree(trainer.model, sp.name, out)
 
-    # metrics (before the merge below changes the parameter names)
-    metrics = train_metrics(trainer, result, guard, before)
+    # metrics (every rank takes part in the evaluation)
+    metrics = train_metrics(trainer, result, guard, before, trained)
     metrics["heldout"] = heldout
     if eval_ds is not None:
         ev = trainer.evaluate()
@@ -153,12 +188,10 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
                 "eval_margin_before": ev_before.get("eval_margin"),
             }
         )
-    # save: always a merged classifier, so PPO/GRPO load it with transformers alone
-    final = trainer.model.merge_and_unload() if peft_cfg is not None else trainer.model
-    final.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
-    shutil.rmtree(sp.partial_dir / "input-merged", ignore_errors=True)
-
+    # save
+    save_reward_model(plan, sp, trainer, tokenizer, out, source, trained)
+    if not distributed.is_main():
+        return None
     write_metrics(out, metrics)
     output = {"kind": "reward_model", "path": "model", "loader": "transformers.AutoModelForSequenceClassification"}
     return {"type": "reward", "output": output, "metrics": metrics}

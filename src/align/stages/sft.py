@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from align import distributed
 from align.data import to_sft
 from align.errors import RecipeError
 from align.stages._train import (
@@ -147,7 +148,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     kw: dict[str, Any] = {}
     if stage.adapter.type == "qlora":
         kw["quantization_config"] = _qlora_config(plan, stage)
-    model = load_policy(plan, source, **kw)
+    model = load_policy(plan, source, sp.partial_dir, **kw)
     if kw and not torch.cuda.is_available():
         from align.quantization import keep_4bit_train_layout
 
@@ -169,16 +170,17 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     )
     before = trainable_snapshot(trainer.model)
 
-    # train
-    result = train(trainer, sp, guard)
-    if not trainer.is_world_process_zero():
-        return None
+    # train (every rank), then prove on every rank what rank 0 saves
+    result, _ = train(trainer, sp, guard)
+    trained = distributed.check_ranks_agree(trainer.model, sp.name, out)
 
-    # save
-    output, merged = save_policy(trainer, tokenizer, out, source, adapter=peft_cfg is not None, merge=stage.merge)
+    # save (every rank takes part; the main process writes and verifies)
+    output, merged = save_policy(
+        trainer.model, tokenizer, out, source, trained=trained, stage=sp.name, merge=stage.merge, trainer=trainer
+    )
 
-    # metrics
-    metrics = train_metrics(trainer, result, guard, before)
+    # metrics (held-out evaluation is a collective: every rank)
+    metrics = train_metrics(trainer, result, guard, before, trained)
     metrics["tokens_seen"] = int(trainer.state.num_input_tokens_seen or 0)
     metrics["dtype"] = str(torch_dtype(recipe.model.dtype)).replace("torch.", "")
     if metrics["train_runtime_s"]:
@@ -187,6 +189,8 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    if not distributed.is_main():
+        return None
     write_metrics(out, metrics)
     return {"type": "sft", "output": output, "merged": merged, "metrics": metrics}
 
