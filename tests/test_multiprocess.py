@@ -285,3 +285,36 @@ def test_eval_sharded_over_two_processes_equals_one_process(tmp_path, tiny_llama
     for k in one:
         assert one[k][1] == two_[k][1]
         assert one[k][0] == pytest.approx(two_[k][0], rel=1e-9, abs=1e-9), k
+
+
+def test_kto_orpo_grpo_with_two_processes(tmp_path, tiny_llama):
+    """The other TRL stages under 2 processes: each ends with one set of weights on both ranks."""
+    from test_preference_stages import DPO, LORA, chain_recipe
+
+    grpo_train = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 8,
+        "learning_rate": 1e-3,
+        "save_steps": 1,
+    }
+    stages = [
+        {**DPO, "name": "kto", "type": "kto", "train": TRAIN},
+        {**DPO, "name": "orpo", "type": "orpo", "train": TRAIN},
+        {"name": "grpo", "type": "grpo", "data": "prompts", "reward": "rewards:short_and_sum", "adapter": LORA},
+    ]
+    stages[2]["train"] = grpo_train
+    for st in stages:
+        st.pop("launch", None)
+    path = write_recipe(tmp_path, chain_recipe(tmp_path, tiny_llama, stages))
+    hook = tmp_path / "hashes"
+    os.environ["ALIGN_RANK_HASH_DIR"] = str(hook)
+    try:
+        res = align("run", str(path), "--accelerate-config", CONFIG, "--num-processes", "2", timeout=900)
+    finally:
+        del os.environ["ALIGN_RANK_HASH_DIR"]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("kto", "orpo", "grpo"):
+        r0, r1 = rank_hashes(hook, stage)
+        assert r0["sha256"] == r1["sha256"] and r0["world_size"] == 2, stage

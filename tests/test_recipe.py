@@ -269,3 +269,18 @@ def test_schema_and_trainer_errors_are_reported_together(tmp_path, good, capsys)
     err = plan_error(tmp_path, good, capsys)
     assert "datasets.train.pth" in err and "did you mean `path`" in err
     assert "did you mean `num_train_epochs`" in err and "did you mean `stride`" in err
+
+
+def test_override_of_an_aliased_node_changes_only_that_place():
+    """`stages.rm.launch.mode=python` on a launch block shared through a YAML anchor must not switch PPO too."""
+    from align.recipe import apply_overrides
+    from align.yamlio import load_yaml_text
+
+    data = load_yaml_text(
+        "launch: &l {mode: accelerate}\nstages:\n  - {name: rm, launch: *l}\n  - {name: ppo, launch: *l}\n"
+    )
+    assert data["stages"][0]["launch"] is data["stages"][1]["launch"]  # YAML shares the node
+    out = apply_overrides(data, ["stages.rm.launch.mode=python"])
+    assert out["stages"][0]["launch"]["mode"] == "python"
+    assert out["stages"][1]["launch"]["mode"] == "accelerate"
+    assert data["stages"][1]["launch"]["mode"] == "accelerate"  # the input is untouched

@@ -372,8 +372,11 @@ def _absolutize_paths(data: dict[str, Any], root: Path) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides. Values are YAML; list items may be named (`stages.sft.train.max_steps=5`)."""
-    data = copy.deepcopy(data)
+    """Apply `a.b.c=value` overrides. Values are YAML; list items may be named (`stages.sft.train.max_steps=5`).
+
+    The tree is copied node by node first: a YAML anchor/alias shares one node between several places, and
+    an override of one place must not change the others (`copy.deepcopy` would keep them shared)."""
+    data = _unshared(data)
     for ov in overrides:
         if "=" not in ov:
             raise RecipeError(f"`{ov}` is not of the form key.path=value", "override")
@@ -402,6 +405,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 raise RecipeError(f"`{'.'.join(parts[:j])}` is a value, not a section", f"override {key}")
     return data
+
+
+def _unshared(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _unshared(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unshared(v) for v in x]
+    return copy.copy(x)
 
 
 def _list_index(node: list[Any], part: str, key: str) -> int:
