@@ -76,7 +76,7 @@ def test_every_rank_ends_with_the_same_weights(two_process_run, stage):
     assert (r0["world_size"], r1["world_size"]) == (2, 2)
     assert r0["sha256"] == r1["sha256"] and r0["params"] > 0
     info = json.loads((tmp / "runs" / "mp" / stage / "stage.json").read_text())
-    assert info["metrics"]["world_size"] == 2
+    assert info["metrics"]["world_size"] == 2 and info["metrics"]["distributed_type"] == "MULTI_CPU"
     assert info["metrics"]["weights_sha256"] == r0["sha256"]
     assert info["metrics"]["trainable_tensors_changed"] > 0
 
@@ -205,7 +205,7 @@ def test_deepspeed_two_processes_save_complete_adapters_that_load(tmp_path, tiny
         assert len(tensors) == 28 and all(t.numel() > 0 for t in tensors.values())
         m = json.loads((run / stage / "stage.json").read_text())["metrics"]
         assert m["trainable_params"] == sum(t.numel() for t in tensors.values()) > 0
-        assert m["trainable_tensors_changed"] == 28
+        assert m["trainable_tensors_changed"] == 28 and m["distributed_type"] == "DEEPSPEED"
     assert json.loads((run / "dpo" / "stage.json").read_text())["metrics"]["eval_reward_accuracies"] is not None
     assert (run / "ppl" / "metrics.json").is_file()
 
@@ -229,6 +229,7 @@ def test_ppo_with_two_processes(tmp_path, tiny_llama):
     assert r0["sha256"] == r1["sha256"] and r0["world_size"] == 2
     m = json.loads((tmp_path / "runs" / "chain" / "ppo" / "stage.json").read_text())["metrics"]
     assert m["world_size"] == 2 and m["steps"] == 4 and m["weights_sha256"] == r0["sha256"]
+    assert m["distributed_type"] == "MULTI_CPU"
 
 
 def test_ten_fresh_two_process_starts_in_a_row(tmp_path, tiny_llama):

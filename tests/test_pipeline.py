@@ -315,7 +315,9 @@ def test_align_eval_standalone_on_a_model_and_a_run(finished, tmp_path, capsys):
         "generation: {max_new_tokens: 8}\nmetric: {name: bleu}\nlimit: 4\n"
     )
     run = tmp / "runs" / "tiny"
-    base_model = json.loads((run / "sft" / "stage.json").read_text())["output"]["base"]
+    from align.models import locate
+
+    base_model = locate(json.loads((run / "sft" / "stage.json").read_text())["output"], run / "sft")["base"]
     assert main(["eval", base_model, str(run), "--tasks", str(task), "--out", str(tmp_path / "e")]) == 0
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert {(r["target"], r["metric"]) for r in m["results"]} == {(Path(base_model).name, "bleu"), ("sft", "bleu")}
@@ -340,3 +342,32 @@ def test_align_eval_standalone_on_a_model_and_a_run(finished, tmp_path, capsys):
         main(["eval", str(run), "--tasks", str(task), "--out", str(out), "--baseline", str(out / "metrics.json")]) == 0
     )
     assert "passed, 0 regressed" in capsys.readouterr().out
+
+
+def test_a_moved_run_stays_done_and_loads(tmp_path, tiny_llama):
+    """`mv` of a whole project (recipe, data, runs): every stage plans as done, a re-run skips, and the eval
+    stage forced to re-run loads the moved adapter with the old folder gone."""
+    import shutil
+
+    old = tmp_path / "old"
+    recipe = sft_recipe(old, tiny_llama)
+    recipe["datasets"] = {"train": {"path": "train.jsonl"}, "held": {"path": "./held.jsonl"}}
+    recipe["output_dir"] = "runs"
+    (old / "recipe.yaml").write_text(__import__("yaml").safe_dump(recipe, sort_keys=False))
+    assert align("run", "recipe.yaml", cwd=old).returncode == 0
+    before = json.loads((old / "runs" / "tiny" / "ppl" / "metrics.json").read_text())["results"]
+    new = tmp_path / "elsewhere" / "project"
+    new.parent.mkdir()
+    shutil.move(str(old), str(new))
+    assert not old.exists()
+    plan = align("plan", "recipe.yaml", cwd=new)
+    assert plan.returncode == 0 and "2 of 2 stages done" in plan.stdout, plan.stdout
+    again = align("run", "recipe.yaml", cwd=new)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 2, again.stdout
+    forced = align("run", "recipe.yaml", "--force", "ppl", cwd=new)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    after = json.loads((new / "runs" / "tiny" / "ppl" / "metrics.json").read_text())["results"]
+    assert [r["value"] for r in after] == pytest.approx([r["value"] for r in before])
+    for f in (new / "runs" / "tiny").rglob("*"):
+        if f.is_file() and f.suffix in {".json", ".yaml", ".jsonl", ".md"}:
+            assert str(old) not in f.read_text(), f"{f} records the old folder"

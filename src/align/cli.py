@@ -39,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = add("plan", "validate a recipe without training and show the stage graph (loads no weights)")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_launch(plan)
+    plan.add_argument("--json", action="store_true", help="print the whole plan as JSON (for CI and scripts)")
+    plan.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="plan for N GPUs: memory per GPU is estimated with N processes (and --num-processes defaults to N)",
+    )
+    plan.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory of one GPU (80GB, 141GB, 24GiB): a stage whose estimated peak exceeds it fails the plan "
+        "(exit 2) with the cheapest fixes",
+    )
     run = add("run", "run every stage that is not done yet, in order; skips finished, resumes interrupted")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     run.add_argument(
@@ -107,7 +121,12 @@ def add_launch(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides may also follow the flags
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes warns on import that an optional CPU kernel package is missing; it is optional.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -186,14 +205,115 @@ def cmd_compare(args: Any) -> int:
 
 
 def cmd_plan(args: Any) -> int:
+    from align.errors import RecipeError
+    from align.memory import fixes, human, parse_size
     from align.pipeline import make_plan
 
-    plan = make_plan(args.recipe, args.overrides)
-    print(render_plan(plan))
+    if args.gpus is not None and args.gpus < 1:
+        raise RecipeError(f"must be at least 1 (got {args.gpus})", "--gpus")
+    gpu_bytes = None
+    if args.gpu_memory:
+        try:
+            gpu_bytes = parse_size(args.gpu_memory)
+        except ValueError as e:
+            raise RecipeError(str(e), "--gpu-memory") from None
+    if args.gpus and args.num_processes is None:
+        args.num_processes = args.gpus
+    plan = make_plan(args.recipe, args.overrides, **launch_args(args))
+    from align.pipeline import memory_plan
+
+    memory = memory_plan(plan, args.gpus)
+    too_big = []
+    if gpu_bytes is not None:
+        for name, est in memory["stages"].items():
+            if est["bytes"]["total"] > gpu_bytes:
+                from align.memory import StageMemoryInput
+
+                todo = fixes(est["shape"], StageMemoryInput(**est["input"]), gpu_bytes)
+                too_big.append(
+                    (
+                        f"stages.{name}",
+                        f"needs ~{human(est['bytes']['total'])} per GPU, more than "
+                        f"{human(gpu_bytes)}; cheapest fixes: " + "; ".join(todo),
+                    )
+                )
+    if args.json:
+        import json
+
+        print(json.dumps(plan_json(plan, memory, gpu_bytes), indent=2))
+    else:
+        print(render_plan(plan, memory if (args.gpus or gpu_bytes) else None))
+    if too_big:
+        raise RecipeError(too_big)
     return 0
 
 
-def render_plan(plan: Any) -> str:
+def launch_args(args: Any) -> dict[str, Any]:
+    from align.errors import RecipeError
+
+    if args.num_processes is not None and args.num_processes < 1:
+        raise RecipeError(f"must be at least 1 (got {args.num_processes})", "--num-processes")
+    return {"launch_config": args.accelerate_config, "launch_processes": args.num_processes}
+
+
+def plan_json(plan: Any, memory: dict[str, Any] | None = None, gpu_bytes: int | None = None) -> dict[str, Any]:
+    """The whole plan as data: stages, links, status, launch, global batch, memory estimate (bytes)."""
+    from align.launch import global_batch
+
+    stages = []
+    for sp in plan.stages:
+        row: dict[str, Any] = {
+            "name": sp.name,
+            "type": sp.stage.type,
+            "inputs": sp.inputs,
+            "status": sp.status,
+            "detail": sp.detail,
+            "fingerprint": sp.fingerprint,
+            "folder": str(sp.final_dir),
+        }
+        if sp.stage.type in ("ppo", "grpo", "rloo"):
+            row["reward"] = plan.recipe.reward_source(sp.stage)
+        if sp.name in plan.launches:
+            info, micro, accum = plan.launches[sp.name]
+            row["launch"] = {
+                "accelerate_config": info.config_name,
+                "config_path": str(info.config_path),
+                "distributed_type": info.distributed_type,
+                "num_processes": info.num_processes,
+                "num_machines": info.num_machines,
+                "zero_stage": info.zero_stage,
+                "mode": info.mode,
+            }
+            row["batch"] = {"micro": micro, "accumulation": accum, "global": global_batch(info, micro, accum)}
+        if memory is not None:
+            est = memory["stages"].get(sp.name)
+            row["memory"] = (
+                {
+                    "bytes_per_gpu": est["bytes"],
+                    "n_gpus": est["input"]["n_gpus"],
+                    "sharding": est["input"]["sharding"],
+                    "fits": None if gpu_bytes is None else est["bytes"]["total"] <= gpu_bytes,
+                }
+                if est
+                else {"estimate": None, "reason": memory.get("reason")}
+            )
+        stages.append(row)
+    return {
+        "recipe": str(plan.recipe_path),
+        "run_dir": str(plan.run_dir),
+        "model": {
+            "ref": plan.base.ref,
+            "kind": plan.base.kind,
+            "path": str(plan.base.path) if plan.base.path else None,
+        },
+        "stages": stages,
+        "gpu_memory_bytes": gpu_bytes,
+        "memory_source": (memory or {}).get("source"),
+        "notes": plan.warnings,
+    }
+
+
+def render_plan(plan: Any, memory: dict[str, Any] | None = None) -> str:
     r = plan.recipe
     base = plan.base
     lines = [
@@ -215,8 +335,26 @@ def render_plan(plan: Any) -> str:
         )
         if sp.detail:
             lines.append(f"{'':<37}{sp.detail}")
+        if sp.name in plan.launches and st.type != "eval":
+            from align.launch import global_batch
+
+            info, micro, accum = plan.launches[sp.name]
+            procs = f"{info.num_processes} process{'es' if info.num_processes > 1 else ''}"
+            lines.append(
+                f"{'':<37}launch {info.describe()}, global batch {global_batch(info, micro, accum)}"
+                f" ({micro} per process x {accum} accumulation x {procs})"
+            )
+        if memory is not None and (est := memory["stages"].get(sp.name)):
+            from align.memory import human
+
+            b = est["bytes"]
+            parts = ", ".join(f"{k} {human(v)}" for k, v in b.items() if k != "total" and v)
+            lines.append(f"{'':<37}memory ~{human(b['total'])} per GPU x{est['input']['n_gpus']} ({parts})")
     for w in plan.warnings:
         lines.append(f"note: {w}")
+    if memory is not None and not memory["stages"]:
+        names = ", ".join(sp.name for sp in plan.stages)
+        lines.append(f"note: no memory estimate for stages {names}: {memory.get('reason')}")
     todo = [sp.name for sp in plan.stages if sp.status != "done"]
     lines.append("")
     lines.append(
@@ -236,19 +374,17 @@ def _writes(st: Any) -> str:
 def cmd_run(args: Any) -> int:
     import time
 
-    from align.errors import RecipeError
     from align.pipeline import make_plan, run
 
     t0 = time.time()
-    plan = make_plan(args.recipe, args.overrides)
-    if args.num_processes is not None and args.num_processes < 1:
-        raise RecipeError(f"must be at least 1 (got {args.num_processes})", "--num-processes")
-    plan.launch_config, plan.launch_processes = args.accelerate_config, args.num_processes
+    plan = make_plan(args.recipe, args.overrides, **launch_args(args))
     if args.only:
         plan.recipe.stage(args.only)
     print(render_plan(plan), flush=True)
     rows = run(plan, force=set(args.force), only=args.only)
-    print(render_summary(make_plan(args.recipe, args.overrides), rows, time.time() - t0), flush=True)
+    print(
+        render_summary(make_plan(args.recipe, args.overrides, **launch_args(args)), rows, time.time() - t0), flush=True
+    )
     return 0
 
 

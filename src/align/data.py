@@ -151,12 +151,16 @@ def file_hash(path: Path, _cache: dict[tuple[str, int, float], str] = {}) -> str
 
 
 def dataset_identity(spec: Any) -> dict[str, Any]:
-    """What a stage's fingerprint records about a dataset: its spec and the content hash of its files."""
-    ident: dict[str, Any] = {"spec": spec.model_dump()}
-    for key in ("path", "eval_path"):
-        p = getattr(spec, key)
-        if p and is_local(p):
-            ident[f"{key}_sha256"] = {str(f): file_hash(f) for f in data_files(p)}
+    """What a stage's fingerprint records about a dataset: its spec and the content hash of its files.
+
+    Local files count by content, named relative to the dataset path: a moved project keeps its fingerprints."""
+    local = [k for k in ("path", "eval_path") if getattr(spec, k) and is_local(getattr(spec, k))]
+    ident: dict[str, Any] = {"spec": spec.model_dump(exclude=set(local))}
+    for key in local:
+        root = Path(getattr(spec, key)).expanduser()
+        ident[f"{key}_sha256"] = {
+            (f.name if root.is_file() else str(f.relative_to(root))): file_hash(f) for f in data_files(str(root))
+        }
     return ident
 
 

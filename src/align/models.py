@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -179,5 +178,47 @@ def load_for_inference(artifact: dict[str, Any], dtype: str = "auto") -> Any:
     raise AlignError(f"unknown artifact kind {artifact['kind']!r}")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+# ---------------------------------------------------------------- relocatable artifact records
+
+
+def relocatable(artifact: dict[str, Any], stage_dir: Path, base: ResolvedModel) -> dict[str, Any]:
+    """An output record as stage.json keeps it: every path relative to the stage folder, so `mv` of the project
+    or `rsync` of `runs/<name>` keeps it loadable. The run's base model is recorded by what the recipe named
+    (embedded name, hub id, or folder), with the folder relative to the stage too; `locate` undoes this."""
+    out = {k: v for k, v in artifact.items() if k != "label"}
+    b = out.get("base")
+    if isinstance(b, str):  # the run's base model folder
+        out["base"] = {"kind": "base_model", "ref": base.ref, "source": base.kind, "path": _rel(Path(b), stage_dir)}
+    elif isinstance(b, dict):  # an earlier stage's adapter: its record, its path relative to this stage
+        out["base"] = relocatable({**b, "path": _rel(Path(b["path"]), stage_dir)}, stage_dir, base)
+    return out
+
+
+def locate(artifact: dict[str, Any], stage_dir: Path) -> dict[str, Any]:
+    """The record with absolute paths for loading (see `relocatable`); old records with absolute paths load as-is."""
+    out = dict(artifact)
+    out["path"] = str((stage_dir / artifact["path"]).resolve())
+    b = out.get("base")
+    if isinstance(b, dict) and b.get("kind") == "base_model":
+        out["base"] = str(_base_folder(b, stage_dir))
+    elif isinstance(b, dict):  # paths nested records hold are relative to this same stage folder
+        out["base"] = locate(b, stage_dir)
+    return out
+
+
+def _base_folder(rec: dict[str, Any], stage_dir: Path) -> Path:
+    near = (stage_dir / rec["path"]).resolve()
+    if (near / "config.json").is_file():
+        return near
+    if rec["source"] in ("embedded", "hub"):  # the cache or the hub of this machine
+        found = resolve_model(rec["ref"], materialize=True).path
+        if found is not None:
+            return found
+    far = Path(rec["ref"]).expanduser()
+    if (far / "config.json").is_file():
+        return far
+    raise AlignError(f"the base model `{rec['ref']}` is not at {near} nor at {far}; put it back or re-run the recipe")
+
+
+def _rel(p: Path, root: Path) -> str:
+    return os.path.relpath(p.resolve(), root.resolve())

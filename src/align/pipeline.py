@@ -34,11 +34,8 @@ import yaml
 from align import __version__, distributed
 from align.data import dataset_identity, file_hash
 from align.errors import AlignError, RecipeError, StageFailed
-from align.models import ResolvedModel, resolve_model
+from align.models import ResolvedModel, locate, relocatable, resolve_model
 from align.recipe import POLICY_TYPES, AnyStage, EvalStage, OnlineRLStage, Recipe, reward_kind
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "accelerate_configs"
 
 
 @dataclass
@@ -69,9 +66,13 @@ class Plan:
     # `align run --accelerate-config/--num-processes`: the launch of every training stage for this run
     launch_config: str | None = None
     launch_processes: int | None = None
+    launches: dict[str, Any] = field(default_factory=dict)  # stage name -> (LaunchInfo, micro, accumulation)
 
     def get(self, name: str) -> StagePlan:
         return next(p for p in self.stages if p.name == name)
+
+    def launch_args(self) -> dict[str, Any]:
+        return {"launch_config": self.launch_config, "launch_processes": self.launch_processes}
 
 
 def default_source(recipe: Recipe, index: int) -> str:
@@ -102,7 +103,7 @@ def base_identity(base: ResolvedModel) -> dict[str, Any]:
         return {"embedded": base.ref, "gguf_sha256": file_hash(_embedded_gguf(base.ref))}
     if base.kind == "local" and base.path is not None:
         files = sorted(f for f in base.path.iterdir() if f.suffix in {".json", ".safetensors", ".jinja"})
-        return {"local": str(base.path), "files": {f.name: file_hash(f) for f in files}}
+        return {"local_files": {f.name: file_hash(f) for f in files}}  # content, not where it lies
     return {"hub": base.ref, "snapshot": base.path.name if base.path else None}
 
 
@@ -116,8 +117,18 @@ def read_stage_json(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, materialize: bool = False) -> Plan:
-    """Validate the recipe and compute every stage's fingerprint and status. Loads no weights."""
+def make_plan(
+    recipe_path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    materialize: bool = False,
+    launch_config: str | None = None,
+    launch_processes: int | None = None,
+    check_launches: bool = True,
+) -> Plan:
+    """Validate the recipe and compute every stage's fingerprint and status. Loads no weights.
+
+    `launch_config` / `launch_processes` (the command line's) set the launch of every training stage."""
     from align.recipe import load_recipe
     from align.stages import module as stage_module
     from align.stages import plan_checks
@@ -127,9 +138,10 @@ def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, ma
     base = resolve_model(recipe.model.name_or_path, recipe.model.revision, materialize=materialize)
     run_dir = (Path(recipe.output_dir) / recipe.name).resolve()
     plan = Plan(recipe, Path(recipe_path).resolve(), overrides, run_dir, base)
+    plan.launch_config, plan.launch_processes = launch_config, launch_processes
     if base.note:
         plan.warnings.append(f"model `{base.ref}`: {base.note}")
-    problems = plan_checks(plan)
+    problems = plan_checks(plan) + (launch_checks(plan) if check_launches else [])
     if problems:
         raise RecipeError(problems)
     base_id = base_identity(base)
@@ -153,7 +165,10 @@ def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, ma
         ident = {
             "align": __version__,
             "stage": st.model_dump(mode="json", by_alias=True, exclude={"launch"}),
-            "model": recipe.model.model_dump(mode="json", exclude={"name_or_path", "revision"}),
+            "model": {
+                **recipe.model.model_dump(mode="json", exclude={"name_or_path", "revision", "chat_template"}),
+                "chat_template_sha256": file_hash(Path(t)) if (t := recipe.model.chat_template) else None,
+            },
             "seed": recipe.seed,
             "inputs": input_ids,
             "resolved": stage_module(st.type).resolved_config(plan, sp),  # align's defaults count too
@@ -168,6 +183,59 @@ def make_plan(recipe_path: str | Path, overrides: list[str] | None = None, *, ma
         elif done:
             sp.status, sp.detail = "changed", "config, data or input changed since the last run"
     return plan
+
+
+def stage_batch(plan: Plan, sp: StagePlan) -> tuple[int, int]:
+    """(micro batch per process, gradient accumulation) of a stage, after align's and the trainer's defaults."""
+    from align.stages import module
+
+    st = sp.stage
+    if st.type == "eval":
+        return st.batch_size, 1
+    resolved = module(st.type).resolved_config(plan, sp)
+    if st.type == "ppo":
+        return int(resolved["batch_size"]), 1  # prompts per rollout step per process
+    cls = module(st.type).TRAINER_CONFIG
+    cls = cls[st.type] if isinstance(cls, dict) else cls
+    fields = cls.__dataclass_fields__
+
+    def get(key: str) -> int:
+        return int(resolved[key] if key in resolved else fields[key].default)
+
+    return get("per_device_train_batch_size"), get("gradient_accumulation_steps")
+
+
+def launch_checks(plan: Plan) -> list[tuple[str, str]]:
+    """Every stage's launch read and checked before anything runs; the results are kept for the plan table."""
+    from align.launch import check_launch, read_launch
+
+    problems: list[tuple[str, str]] = []
+    for i, st in enumerate(plan.recipe.stages):
+        sp = StagePlan(st, i, stage_inputs(plan.recipe, i), plan.run_dir / st.name, plan.run_dir / ".partial" / st.name)
+        launch = effective_launch(plan, sp)
+        where = f"stages[{i}]({st.name})"
+        try:
+            info = read_launch(launch.accelerate_config, launch.num_processes, launch.mode)
+        except RecipeError as e:
+            from_cli = plan.launch_config is not None and st.type != "eval"
+            for p, m in e.problems:
+                item = ("--accelerate-config", m) if from_cli else (f"{where}.{p}", m)
+                if item not in problems:
+                    problems.append(item)
+            continue
+        micro, accum = stage_batch(plan, sp)
+        found, notes = check_launch(
+            info,
+            stage_type=st.type,
+            adapter_type=getattr(getattr(st, "adapter", None), "type", None),
+            micro_batch=micro,
+            grad_accum=accum,
+            where=where,
+        )
+        problems += found
+        plan.warnings += notes
+        plan.launches[st.name] = (info, micro, accum)
+    return problems
 
 
 def _stage_datasets(st: AnyStage) -> set[str]:
@@ -214,7 +282,8 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
             print(f"[align] {sp.name}: running ({sp.status}{', ' + sp.detail if sp.detail else ''})", flush=True)
             launch_stage(plan, sp, fresh=sp.name in force)
             # inputs may have changed, so later fingerprints are computed anew
-            plan.stages[i + 1 :] = make_plan(plan.recipe_path, plan.overrides).stages[i + 1 :]
+            again = make_plan(plan.recipe_path, plan.overrides, **plan.launch_args())
+            plan.stages[i + 1 :] = again.stages[i + 1 :]
             rows.append(
                 {"name": sp.name, "type": sp.stage.type, "status": "ran", "ran": True, "seconds": time.time() - t0}
             )
@@ -227,14 +296,14 @@ def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
     stage_args = ["-m", "align", "stage", str(plan.recipe_path), sp.name, *plan.overrides]
     if fresh:
         stage_args.append("--fresh")
+    env = {**os.environ, "ALIGN_PARENT_PID": str(os.getpid())}
     if launch is None or launch.mode == "python":
         cmd = [sys.executable, *stage_args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(launch))]
-        if launch.num_processes:
-            cmd += ["--num_processes", str(launch.num_processes)]
-        cmd += stage_args
-    env = {**os.environ, "ALIGN_PARENT_PID": str(os.getpid())}
+        from align.launch import launch_command, read_launch
+
+        info = read_launch(launch.accelerate_config, launch.num_processes, launch.mode)
+        cmd, env = launch_command(info, dtype=plan.recipe.model.dtype, stage_args=stage_args, env=env)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         code = proc.wait()
@@ -291,19 +360,6 @@ def check_hub_datasets(plan: Plan) -> None:
             ) from None
 
 
-def accelerate_config(launch: Any) -> Path:
-    name = launch.accelerate_config
-    if name == "auto":
-        import torch
-
-        name = "single_gpu" if torch.cuda.is_available() else "cpu"
-    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-        raise RecipeError(f"no accelerate config `{name}`; known: {', '.join(known)}", "launch.accelerate_config")
-    return path
-
-
 def check_writable(run_dir: Path) -> None:
     """Fail before any training if the run folder cannot be written."""
     try:
@@ -345,9 +401,10 @@ def run_lock(run_dir: Path, name: str = ".lock", wait_s: float = 0) -> Iterator[
 # ---------------------------------------------------------------- stage process side
 
 
-def finalize(sp: StagePlan, out: Path, record: dict[str, Any]) -> None:
+def finalize(sp: StagePlan, out: Path, record: dict[str, Any], plan_base: ResolvedModel) -> None:
     """Write stage.json last, then swap the finished folder into place with renames."""
     record = {**record, "fingerprint": sp.fingerprint, "output_sha256": tree_hash(out, record["output"])}
+    record["output"] = relocatable(record["output"], sp.final_dir, plan_base)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     tmp = out / "stage.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
@@ -388,12 +445,16 @@ def write_common(sp: StagePlan, plan: Plan, out: Path, resolved: dict[str, Any])
     if not distributed.is_main():
         return
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(resolved.get("train_args"), dict) and "output_dir" in resolved["train_args"]:
+        # the checkpoints' folder is the partial folder, gone once the stage is done
+        resolved = {**resolved, "train_args": {**resolved["train_args"], "output_dir": "../checkpoints"}}
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    inputs: dict[str, Any] = {"model": {"kind": plan.base.kind, "ref": plan.base.ref, "path": str(plan.base.path)}}
+    rel = lambda p: os.path.relpath(Path(p).resolve(), sp.final_dir.resolve())  # noqa: E731 - the run can move
+    inputs: dict[str, Any] = {"model": {"kind": plan.base.kind, "ref": plan.base.ref, "path": rel(plan.base.path)}}
     for src in sp.inputs:
         if src != "base":
             info = read_stage_json(plan.get(src).final_dir) or {}
-            inputs[src] = {"path": str(plan.get(src).final_dir), "output_sha256": info.get("output_sha256")}
+            inputs[src] = {"path": rel(plan.get(src).final_dir), "output_sha256": info.get("output_sha256")}
     inputs["data"] = {n: dataset_identity(plan.recipe.datasets[n]) for n in sorted(_stage_datasets(sp.stage))}
     (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
     (out / "versions.json").write_text(json.dumps(library_versions(), indent=2))
@@ -407,8 +468,7 @@ def input_artifact(plan: Plan, src: str) -> dict[str, Any]:
     info = read_stage_json(sp.final_dir)
     if not info:
         raise AlignError(f"input stage `{src}` is not done; run the recipe with `align run`")
-    art = dict(info["output"])
-    art["path"] = str(sp.final_dir / art["path"])
+    art = locate(info["output"], sp.final_dir)
     art["label"] = src
     return art
 
@@ -420,7 +480,8 @@ def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fr
     marker while the others wait at a barrier; every rank then runs the stage; the main process finalizes."""
     from align.stages import run_stage
 
-    plan = make_plan(recipe_path, overrides, materialize=True)
+    # the launch was checked by whoever launched this process (and this process is running under it)
+    plan = make_plan(recipe_path, overrides, materialize=True, check_launches=False)
     sp = plan.get(plan.recipe.stage(stage_name).name)
     if sp.fingerprint is None:
         raise AlignError(f"stage `{sp.name}` needs {sp.inputs} done first; run `align run {recipe_path}`")
@@ -441,5 +502,83 @@ def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fr
         out = sp.partial_dir / "out"
         record = run_stage(plan, sp, out)
         if main and record is not None:
-            finalize(sp, out, record)
+            finalize(sp, out, record, plan.base)
             print(f"[align] {sp.name}: done -> {sp.final_dir}", flush=True)
+
+
+# ---------------------------------------------------------------- memory plan
+
+
+def memory_plan(plan: Plan, gpus: int | None) -> dict[str, Any]:
+    """Per stage: the estimate of peak bytes per GPU by component (align.memory), or why it has none."""
+    from align.memory import estimate, model_shape, read_model_config
+
+    config, where = read_model_config(plan.base.path, kind=plan.base.kind, ref=plan.base.ref)
+    if config is None:
+        return {"source": None, "reason": where, "stages": {}}
+    try:
+        shape = model_shape(config)
+    except ValueError as e:
+        return {"source": where, "reason": str(e), "stages": {}}
+    out: dict[str, Any] = {"source": where, "n_params": shape.n_params, "stages": {}}
+    for sp in plan.stages:
+        inp = memory_input(plan, sp, gpus)
+        out["stages"][sp.name] = {"input": {**inp.__dict__}, "bytes": estimate(shape, inp), "shape": shape}
+    return out
+
+
+def memory_input(plan: Plan, sp: StagePlan, gpus: int | None) -> Any:
+    """What the estimate needs from a stage: its adapter, sequence length, micro batch, sharding, GPUs."""
+    from align.memory import StageMemoryInput
+    from align.stages import module
+
+    st = sp.stage
+    info, micro, accum = plan.launches[sp.name]
+    dtype = plan.recipe.model.dtype
+    dtype = "bfloat16" if dtype == "auto" else dtype  # the estimate is for a GPU with bf16
+    n = gpus or info.num_processes
+    adapter = getattr(st, "adapter", None)
+    common = {
+        "stage_type": st.type,
+        "dtype": dtype,
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "n_gpus": n,
+        "sharding": info.sharding,
+        "adapter": adapter.type if adapter else "full",
+        "lora_r": adapter.r if adapter else 16,
+        "target_modules": tuple(adapter.target_modules)
+        if adapter and adapter.target_modules != "all-linear"
+        else "all-linear",
+    }
+    if st.type == "eval":
+        seq = max(t.max_length for t in st.tasks)
+        return StageMemoryInput(**{**common, "adapter": "lora"}, seq_len=seq)
+    resolved = module(st.type).resolved_config(plan, sp)
+    if st.type == "ppo":
+        from align.stages.ppo import MAX_PROMPT_TOKENS
+
+        return StageMemoryInput(
+            **common,
+            seq_len=MAX_PROMPT_TOKENS,
+            gen_tokens=int(resolved["max_new_tokens"]),
+            reward_model=resolved["reward"].get("function") is None,
+        )
+    cls = module(st.type).TRAINER_CONFIG
+    fields = (cls[st.type] if isinstance(cls, dict) else cls).__dataclass_fields__
+
+    def get(key: str, default: Any = None) -> Any:
+        return resolved[key] if key in resolved else (fields[key].default if key in fields else default)
+
+    ckpt = bool(get("activation_checkpointing", False) or get("gradient_checkpointing", False))
+    if st.type in ("grpo", "rloo"):
+        prompt = int(get("max_prompt_length") or 512)
+        return StageMemoryInput(
+            **common,
+            seq_len=prompt,
+            gen_tokens=int(get("max_completion_length") or 256),
+            num_generations=int(get("num_generations") or 1),
+            activation_checkpointing=ckpt,
+            reward_model=resolved["reward"].get("function") is None,
+        )
+    return StageMemoryInput(**common, seq_len=int(get("max_length") or 1024), activation_checkpointing=ckpt)

@@ -170,9 +170,11 @@ class TaskSpecError(ValueError):
 def _candidate_dirs(tasks_dir: str | Path | None) -> list[Path]:
     if tasks_dir is not None:
         return [Path(tasks_dir)]
-    dirs = [Path.cwd() / TASKS_DIR]
-    repo = Path(__file__).resolve().parents[3] / TASKS_DIR  # src layout checkout
-    return dirs + ([repo] if repo not in dirs else [])
+    from align.resources import task_dir
+
+    dirs = [Path.cwd() / TASKS_DIR]  # a user's own tasks first, then the ones shipped in the package
+    shipped = task_dir()
+    return dirs + ([shipped] if shipped.resolve() not in [d.resolve() for d in dirs if d.exists()] else [])
 
 
 def load_task(path_or_name: str | Path, tasks_dir: str | Path | None = None) -> TaskSpec:

@@ -35,11 +35,17 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 LORA_LEARNING_RATE = 2e-4  # TRL's defaults suit full fine-tuning; adapters want ~10x more
 
 
-def device_args(seed: int) -> dict[str, Any]:
+def device_args(seed: int, dtype: str = "auto") -> dict[str, Any]:
+    """Device and precision flags; the launcher passes the same precision (align.launch.mixed_precision)."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    return {"seed": seed, "use_cpu": not cuda, "bf16": bool(cuda and torch.cuda.is_bf16_supported())}
+    from align.launch import mixed_precision
+
+    mp = mixed_precision(dtype)
+    out = {"seed": seed, "use_cpu": not torch.cuda.is_available(), "bf16": mp == "bf16"}
+    if mp == "fp16":
+        out["fp16"] = True
+    return out
 
 
 def names(data: str | list[str] | dict[str, float]) -> list[str]:
@@ -274,7 +280,9 @@ def train_metrics(
         "trainable_params": sum(t.numel() for t in trained.values()),
         "trainable_tensors_changed": changed_count(before, trained),
         "resumed_from": guard.resumed_from,
-        "world_size": distributed.world_size(),
+        # the trainer's own view (not the environment's): proves the processes really trained together
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": trainer.accelerator.distributed_type.value,
         "peak_memory_bytes": distributed.peak_memory_bytes(),
         "weights_sha256": distributed.state_hash(trained),
         "trainable_dtype": str(next(iter(trained.values())).dtype).replace("torch.", "") if trained else None,

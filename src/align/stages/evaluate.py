@@ -12,7 +12,7 @@ from typing import Any
 
 from align.data import check_format, is_local, load_rows, peek_rows, texts_of
 from align.errors import RecipeError
-from align.pipeline import ROOT
+from align.resources import data_root
 
 
 def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
@@ -33,7 +33,7 @@ def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
             except (FileNotFoundError, ValueError) as e:
                 problems.append((f"{where}.tasks[{j}].task", str(e).splitlines()[0]))
                 continue
-            if not spec.resolve_path(ROOT).exists():
+            if not spec.resolve_path(data_root(spec.data.path)).exists():
                 problems.append((f"{where}.tasks[{j}].task", f"task `{spec.name}` data not found: {spec.data.path}"))
             continue
         spec = plan.recipe.datasets[task.data]
@@ -50,10 +50,10 @@ def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
 
 
 def load_task_spec(name: str) -> Any:
-    """A task file by name (evaluation/tasks/) or path; its data paths are relative to the project root."""
+    """A task file by name (./evaluation/tasks/, then the tasks shipped in the package) or path."""
     from align.evaluation.tasks import load_task
 
-    return load_task(name, tasks_dir=None if name.endswith((".yaml", ".yml")) else ROOT / "evaluation" / "tasks")
+    return load_task(name)
 
 
 def task_records(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -109,7 +109,10 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
             ds = ds.select(range(min(task.max_samples, len(ds))))
         texts[task.data] = texts_of(ds, fmt, tokenizer, completion_only=task.score == "completion")
     # model -> score -> save + metrics
+    # recorded by name (the recipe's model, a stage's artifact in the run), not by path: the run can move
     targets = [(t, input_artifact(plan, t)) for t in sp.inputs]
+    for t, art in targets:
+        art["name"] = plan.base.ref if t == "base" else f"{t}/{Path(art['path']).name}"
     results = evaluate(
         targets,
         stage.tasks,
@@ -156,10 +159,11 @@ def evaluate(
     device = distributed.device()
     for label, art in targets:
         model = load_for_inference(art, dtype=dtype).to(device).eval()
-        head = {"target": label, "model": art["path"], "adapter": art["kind"] == "adapter"}
+        head = {"target": label, "model": art.get("name", art["path"]), "adapter": art["kind"] == "adapter"}
         for task in tasks:
             if task.task:
-                res = run_task(specs[task.task], model, tokenizer, root=ROOT, device=device, progress=main)
+                spec = specs[task.task]
+                res = run_task(spec, model, tokenizer, root=data_root(spec.data.path), device=device, progress=main)
                 results += [{**head, **r, "settings": {"limit": specs[task.task].limit}} for r in task_records(res)]
                 if not main:
                     continue
@@ -230,7 +234,9 @@ def resolve_target(ref: str) -> tuple[str, dict[str, Any], Path]:
             p = stages[-1]
     if (p / "stage.json").is_file():
         info = read_stage_json(p) or {}
-        art = {**info["output"], "path": str(p / info["output"]["path"])}
+        from align.models import locate
+
+        art = locate(info["output"], p)
         if art["kind"] == "metrics":
             raise RecipeError(f"{p} is an eval stage; point at a training stage or model", "TARGET")
         return p.name, art, Path(art["path"])

@@ -134,7 +134,7 @@ def reward_identity(plan: Any, stage: Any) -> dict[str, Any]:
         return {"stage": ref}
     if reward_kind(ref) == "path":
         files = sorted(f for f in Path(ref).expanduser().iterdir() if f.suffix in {".json", ".safetensors"})
-        return {"path": ref, "files": {f.name: file_hash(f) for f in files}}
+        return {"reward_model_files": {f.name: file_hash(f) for f in files}}  # content, not where it lies
     f = function_file(plan, stage)
     return {"function": plan.recipe.reward_source(stage), "sha256": file_hash(f) if f else None}
 
@@ -171,7 +171,7 @@ def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
     stage = sp.stage
     args = {
         **TRAIN_DEFAULTS,
-        **device_args(plan.recipe.seed),
+        **device_args(plan.recipe.seed, plan.recipe.model.dtype),
         **coerce_trainer_args(stage.train, TRAINER_CONFIG[stage.type]),
         "output_dir": str(work / "checkpoints"),
     }

@@ -75,7 +75,11 @@ def config(plan: Any, sp: Any) -> PPOConfig:
 
 def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
     cfg = dataclasses.asdict(config(plan, sp))
-    return {**cfg, "device": device_args(plan.recipe.seed), "reward": reward_identity(plan, sp.stage)}
+    return {
+        **cfg,
+        "device": device_args(plan.recipe.seed, plan.recipe.model.dtype),
+        "reward": reward_identity(plan, sp.stage),
+    }
 
 
 def encode_prompts(ds: Any, tokenizer: Any) -> tuple[list[list[int]], int]:
@@ -212,6 +216,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         "resumed_from": resume.name if resume else None,
         "trainable_params": sum(t.numel() for t in trained.values()),
         "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
         "peak_memory_bytes": distributed.peak_memory_bytes(),
         "weights_sha256": distributed.state_hash(trained),
         "seconds": sum(h.get("seconds", 0.0) for h in history),

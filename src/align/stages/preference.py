@@ -72,7 +72,7 @@ def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
     cls = _config(stage.type)
     args = {
         **TRAIN_DEFAULTS,
-        **device_args(plan.recipe.seed),
+        **device_args(plan.recipe.seed, plan.recipe.model.dtype),
         **coerce_trainer_args(stage.train, cls),
         "output_dir": str(work / "checkpoints"),
     }

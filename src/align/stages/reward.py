@@ -53,7 +53,7 @@ def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
     stage = sp.stage
     return {
         **TRAIN_DEFAULTS,
-        **device_args(plan.recipe.seed),
+        **device_args(plan.recipe.seed, plan.recipe.model.dtype),
         "learning_rate": LORA_LEARNING_RATE if stage.adapter.type != "full" else 1e-5,
         **coerce_trainer_args(stage.train, RewardConfig),
         "output_dir": str(work / "checkpoints"),

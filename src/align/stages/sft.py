@@ -100,7 +100,7 @@ def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
     stage = sp.stage
     args = {
         **SFT_DEFAULTS,
-        **device_args(plan.recipe.seed),
+        **device_args(plan.recipe.seed, plan.recipe.model.dtype),
         "learning_rate": LORA_LEARNING_RATE if stage.adapter.type != "full" else 2e-5,
         **coerce_trainer_args(stage.train, SFTConfig),
         "output_dir": str(work / "checkpoints"),
