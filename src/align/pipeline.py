@@ -570,7 +570,8 @@ def memory_input(plan: Plan, sp: StagePlan, gpus: int | None) -> Any:
     def get(key: str, default: Any = None) -> Any:
         return resolved[key] if key in resolved else (fields[key].default if key in fields else default)
 
-    ckpt = bool(get("activation_checkpointing", False) or get("gradient_checkpointing", False))
+    ac = get("activation_checkpointing")  # the new name; None means the deprecated gradient_checkpointing decides
+    ckpt = bool(ac if ac is not None else get("gradient_checkpointing", False))
     if st.type in ("grpo", "rloo"):
         prompt = int(get("max_prompt_length") or 512)
         return StageMemoryInput(
