@@ -319,3 +319,46 @@ def test_kto_orpo_grpo_with_two_processes(tmp_path, tiny_llama):
     for stage in ("kto", "orpo", "grpo"):
         r0, r1 = rank_hashes(hook, stage)
         assert r0["sha256"] == r1["sha256"] and r0["world_size"] == 2, stage
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_on_loopback(tmp_path, tiny_llama):
+    """multi_node (DeepSpeed ZeRO-3) with two "machines" on this one: `align run` on each with MACHINE_RANK and
+    MAIN_PROCESS_IP set, a shared run folder; node 0 finalizes, node 1 waits for it."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+
+    from conftest import sft_recipe
+
+    from align.launch import free_port
+
+    path = write_recipe(tmp_path, sft_recipe(tmp_path, tiny_llama))
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        env = {
+            **os.environ,
+            "MACHINE_RANK": str(node),
+            "MAIN_PROCESS_IP": "127.0.0.1",
+            "MAIN_PROCESS_PORT": port,
+            "NUM_MACHINES": "2",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "align",
+            "run",
+            str(path),
+            "--accelerate-config",
+            "multi_node",
+            "--num-processes",
+            "2",
+        ]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    m = json.loads((tmp_path / "runs" / "tiny" / "sft" / "stage.json").read_text())["metrics"]
+    assert m["world_size"] == 2 and m["distributed_type"] == "DEEPSPEED" and m["trainable_params"] > 0
+    assert (tmp_path / "runs" / "tiny" / "ppl" / "metrics.json").is_file()

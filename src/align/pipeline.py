@@ -268,7 +268,10 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
         plan.base = resolve_model(plan.recipe.model.name_or_path, plan.recipe.model.revision, materialize=True)
     check_hub_datasets(plan)
     rows = []
-    with run_lock(plan.run_dir):
+    # On a multi-node run every node runs `align run` over a shared run folder: node 0 holds the run lock and
+    # finalizes; the other nodes take part in each stage, then wait until node 0 has marked it done.
+    node = machine_rank()
+    with run_lock(plan.run_dir) if node == 0 else contextlib.nullcontext():
         for i, sp in enumerate(plan.stages):
             if only and sp.name != only:
                 continue
@@ -280,7 +283,10 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
                 continue
             t0 = time.time()
             print(f"[align] {sp.name}: running ({sp.status}{', ' + sp.detail if sp.detail else ''})", flush=True)
-            launch_stage(plan, sp, fresh=sp.name in force)
+            if node == 0 or spans_nodes(plan, sp):
+                launch_stage(plan, sp, fresh=sp.name in force)
+            if node != 0:
+                wait_done(sp)  # a one-machine stage (eval, say) runs on node 0 only
             # inputs may have changed, so later fingerprints are computed anew
             again = make_plan(plan.recipe_path, plan.overrides, **plan.launch_args())
             plan.stages[i + 1 :] = again.stages[i + 1 :]
@@ -288,6 +294,31 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
                 {"name": sp.name, "type": sp.stage.type, "status": "ran", "ran": True, "seconds": time.time() - t0}
             )
     return rows
+
+
+def machine_rank() -> int:
+    """This machine's rank in a multi-node run (the variables the multi_node config documents), else 0."""
+    return int(os.environ.get("MACHINE_RANK") or os.environ.get("NODE_RANK") or os.environ.get("SLURM_NODEID") or 0)
+
+
+def spans_nodes(plan: Plan, sp: StagePlan) -> bool:
+    from align.launch import read_launch
+
+    launch = effective_launch(plan, sp)
+    if launch is None or launch.mode == "python":
+        return False
+    return read_launch(launch.accelerate_config, launch.num_processes, launch.mode).num_machines > 1
+
+
+def wait_done(sp: StagePlan, timeout_s: float = 1800) -> None:
+    """A non-zero node: the stage is done once node 0 has finalized it (stage.json with this fingerprint)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        info = read_stage_json(sp.final_dir)
+        if info and info.get("fingerprint") == sp.fingerprint:
+            return
+        time.sleep(1)
+    raise StageFailed(f"stage `{sp.name}`: node 0 did not mark it done within {timeout_s:.0f}s")
 
 
 def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:

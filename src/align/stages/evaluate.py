@@ -124,6 +124,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         batch_size=stage.batch_size,
     )
     headline = {f"{r['target']}/{r['task']}/{r['metric']}": r["value"] for r in results}
+    headline["peak_memory_bytes"] = distributed.peak_memory_bytes()
     if not distributed.is_main():
         return None
     return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": headline}
