@@ -83,9 +83,12 @@ def test_every_rank_ends_with_the_same_weights(two_process_run, stage):
 
 def test_two_process_artifacts_are_complete_and_load(two_process_run):
     from safetensors.torch import load_file
+    from test_pipeline import SFT_FILES, files
 
     tmp, _, _ = two_process_run
     run = tmp / "runs" / "mp"
+    assert files(run / "sft") == SFT_FILES  # the exact file set of a one-process run
+    assert files(run / "dpo") == SFT_FILES
     for stage in ("sft", "dpo"):
         names = {p.name for p in (run / stage / "adapter").iterdir()}
         assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names

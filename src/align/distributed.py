@@ -96,6 +96,16 @@ def trainable_state(model: Any) -> dict[str, Any]:
     """{name: full CPU copy} of every trainable parameter, gathered one at a time under ZeRO-3.
 
     Collective under ZeRO-3 (every rank must call it). Names are the unwrapped model's."""
+    fsdp = _fsdp_root(model)
+    if fsdp is not None:  # FSDP: the full parameters on every rank for the duration of the copy
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(fsdp, writeback=False, rank0_only=False):
+            return {
+                n.replace("_fsdp_wrapped_module.", ""): p.detach().to("cpu", copy=True)
+                for n, p in fsdp.named_parameters()
+                if p.requires_grad
+            }
     model = _unwrap(model)
     out = {}
     for name, p in model.named_parameters():
@@ -103,6 +113,14 @@ def trainable_state(model: Any) -> dict[str, Any]:
             with gathered([p]):
                 out[name] = p.detach().to("cpu", copy=True)
     return out
+
+
+def _fsdp_root(model: Any) -> Any:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:
+        return None
+    return model if isinstance(model, FSDP) else None
 
 
 def _unwrap(model: Any) -> Any:
