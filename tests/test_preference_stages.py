@@ -274,3 +274,25 @@ def test_grpo_and_rloo_with_a_function_reward(tmp_path, tiny_llama, kind) -> Non
     (tmp_path / "rewards.py").write_text(REWARD_FN + "\n# edited\n")
     res = align("plan", str(path))
     assert "changed" in res.stdout, res.stdout
+
+
+# The first logged losses of the tiny chain, pinned (as torchtune pins its recipe losses): a refactor that changes
+# what is trained (data order, masking, defaults, the model wrap) shows here, not only a loss that fails to fall.
+# Measured with torch 2.13.0 on CPU; regenerate with `pytest tests/test_preference_stages.py -k pinned -s`.
+GOLDEN = {
+    "sft": [5.70736, 5.692533, 5.671592],
+    "rm": [0.687149, 0.660412, 0.63558],
+    "dpo": [0.693147, 0.667109, 0.649948],  # ln 2 first: the policy equals its reference
+}
+
+
+def test_first_losses_are_pinned(chained) -> None:
+    tmp, _ = chained
+    got = {}
+    for stage in GOLDEN:
+        log = [json.loads(x) for x in (tmp / "runs" / "chain" / stage / "train_log.jsonl").read_text().splitlines()]
+        got[stage] = [round(r["loss"], 6) for r in log if "loss" in r][:3]
+    print("GOLDEN =", got)
+    for stage, want in GOLDEN.items():
+        assert want is not None, f"pin {stage}: {got[stage]}"
+        assert got[stage] == pytest.approx(want, rel=1e-4), stage

@@ -29,7 +29,6 @@ __all__ = [
     "check_trainer_args",
     "orpo_config",
     "trainer_class",
-    "trainer_field_names",
 ]
 
 
@@ -66,10 +65,6 @@ RESERVED = {
 }
 
 
-def trainer_field_names(config_cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(config_cls) if f.init]
-
-
 def check_trainer_args(args: dict[str, Any], config_cls: type, path: str) -> list[tuple[str, str]]:
     """Report unknown names (with the closest TRL name) and values of the wrong type, all at once."""
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
@@ -88,7 +83,8 @@ def check_trainer_args(args: dict[str, Any], config_cls: type, path: str) -> lis
 
 
 def coerce_trainer_args(args: dict[str, Any], config_cls: type) -> dict[str, Any]:
-    """YAML reads `2e-5` as a string (no dot); turn numeric strings into numbers where TRL wants a number."""
+    """A quoted number (`"2e-5"`, or an override's string) becomes a number where TRL wants one; unquoted
+    exponents are numbers already (align.yamlio)."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     out = dict(args)
     for k, v in args.items():

@@ -1,5 +1,5 @@
 """The one explicit list of stage types. Each module reads top to bottom in the same order:
-config -> data -> model -> trainer -> train -> save -> metrics, and exposes the same three functions:
+config -> data -> model -> trainer -> train -> save -> metrics, and exposes the same four functions:
 
     check_args(stage, path) -> problems      static checks of the stage's own fields (no files touched)
     check(plan, sp) -> problems              plan-time checks: files, columns, tokenizer, hardware
