@@ -219,7 +219,7 @@ def cmd_plan(args: Any) -> int:
             raise RecipeError(str(e), "--gpu-memory") from None
     if args.gpus and args.num_processes is None:
         args.num_processes = args.gpus
-    plan = make_plan(args.recipe, args.overrides, **launch_args(args))
+    plan = make_plan(args.recipe, args.overrides, **launch_args(args), gpus=args.gpus)
     from align.pipeline import memory_plan
 
     memory = memory_plan(plan, args.gpus)

@@ -67,6 +67,7 @@ class Plan:
     launch_config: str | None = None
     launch_processes: int | None = None
     launches: dict[str, Any] = field(default_factory=dict)  # stage name -> (LaunchInfo, micro, accumulation)
+    gpus: int | None = None  # `align plan --gpus N`: plan for N GPUs, wherever the plan is made
 
     def get(self, name: str) -> StagePlan:
         return next(p for p in self.stages if p.name == name)
@@ -125,6 +126,7 @@ def make_plan(
     launch_config: str | None = None,
     launch_processes: int | None = None,
     check_launches: bool = True,
+    gpus: int | None = None,
 ) -> Plan:
     """Validate the recipe and compute every stage's fingerprint and status. Loads no weights.
 
@@ -138,7 +140,7 @@ def make_plan(
     base = resolve_model(recipe.model.name_or_path, recipe.model.revision, materialize=materialize)
     run_dir = (Path(recipe.output_dir) / recipe.name).resolve()
     plan = Plan(recipe, Path(recipe_path).resolve(), overrides, run_dir, base)
-    plan.launch_config, plan.launch_processes = launch_config, launch_processes
+    plan.launch_config, plan.launch_processes, plan.gpus = launch_config, launch_processes, gpus
     if base.note:
         plan.warnings.append(f"model `{base.ref}`: {base.note}")
     problems = plan_checks(plan) + (launch_checks(plan) if check_launches else [])
@@ -214,8 +216,11 @@ def launch_checks(plan: Plan) -> list[tuple[str, str]]:
         sp = StagePlan(st, i, stage_inputs(plan.recipe, i), plan.run_dir / st.name, plan.run_dir / ".partial" / st.name)
         launch = effective_launch(plan, sp)
         where = f"stages[{i}]({st.name})"
+        config = launch.accelerate_config
+        if config == "auto" and plan.gpus:  # planned for GPUs, perhaps on a machine without one
+            config = "multi_gpu" if (launch.num_processes or plan.gpus) > 1 else "single_gpu"
         try:
-            info = read_launch(launch.accelerate_config, launch.num_processes, launch.mode)
+            info = read_launch(config, launch.num_processes, launch.mode)
         except RecipeError as e:
             from_cli = plan.launch_config is not None and st.type != "eval"
             for p, m in e.problems:
