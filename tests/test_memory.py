@@ -190,3 +190,24 @@ def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path):
     assert mem["bytes_per_gpu"] == want and mem["n_gpus"] == 8 and mem["sharding"] == "zero3"
     one = align("plan", str(path), "--gpus", "1", "--json")
     assert json.loads(one.stdout)["stages"][0]["memory"]["bytes_per_gpu"]["weights"] == 8 * want["weights"]
+
+
+def test_reward_on_policy_and_module_lists():
+    shape = model_shape(LLAMA8B)
+    rm = estimate(shape, StageMemoryInput("reward", adapter="lora", seq_len=1024, micro_batch=2))
+    sft = estimate(shape, StageMemoryInput("sft", adapter="lora", seq_len=1024, micro_batch=2))
+    assert rm["activations"] == 2 * sft["activations"]  # chosen and rejected in one batch
+    assert rm["logits"] == 1024 * 4 * 1 * 4 * 2  # one score per sequence, not the vocabulary
+    short = estimate(shape, StageMemoryInput("grpo", adapter="lora", seq_len=256, gen_tokens=0, micro_batch=2))
+    long = estimate(shape, StageMemoryInput("grpo", adapter="lora", seq_len=256, gen_tokens=256, micro_batch=2))
+    assert long["activations"] == 2 * short["activations"]  # completions are trained on too
+    q = trainable(shape, StageMemoryInput("sft", lora_r=8, target_modules=("q_proj",)))
+    assert q == 8 * (4096 + 4096) * 32
+    assert trainable(shape, StageMemoryInput("sft", lora_r=8, target_modules=("proj",))) == 0  # peft: no match
+
+
+def test_one_gpu_full_fine_tune_is_offered_offload():
+    shape = model_shape(LLAMA8B)
+    inp = StageMemoryInput("sft", adapter="full", seq_len=2048, micro_batch=1, n_gpus=1)
+    found = fixes(shape, inp, 80 * 10**9)
+    assert any("offload" in f for f in found), found

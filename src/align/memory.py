@@ -21,14 +21,14 @@ fp32), N processes, s tokens per sequence, m sequences per micro batch, h hidden
                KV cache for m*num_generations sequences.
   overhead     1 GiB (CUDA context, NCCL buffers) + 5% of the rest (allocator fragmentation)
 
-dpo/kto/orpo run chosen and rejected together: m is twice the micro batch. The value/reward models are assumed
+dpo/kto/orpo and reward run chosen and rejected together: m is twice the micro batch (a reward model's
+"logits" are one score, V = 1). ppo/grpo/rloo train on prompt + completion: s = prompt + new tokens. The value/reward models are assumed
 to be the policy's size (InstructGPT's setup; align's PPO initialises the value model from the reward model).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -227,7 +227,12 @@ def trainable(shape: ModelShape, inp: StageMemoryInput) -> int:
         return shape.n_params
     targets = shape.linear_shapes()
     if inp.target_modules != "all-linear":
-        targets = {k: v for k, v in targets.items() if any(k.endswith(t) or t in k for t in inp.target_modules)}
+        # peft's rule for a list: the module name equals an entry or ends with "." + entry
+        targets = {
+            k: v
+            for k, v in targets.items()
+            if any(k == t or k.endswith("." + t) or k.split(".")[-1] == t for t in inp.target_modules)
+        }
     per = sum(inp.lora_r * (a + b) + (b if inp.adapter == "dora" else 0) for a, b in targets.values())
     return per * shape.num_layers
 
@@ -249,15 +254,18 @@ def estimate(shape: ModelShape, inp: StageMemoryInput) -> dict[str, int]:
     out["gradients"] = int(t * (b if full else 4) / (n if shard_g else 1))
     opt = t * (12 if full and b == 2 else 8)
     out["optimizer"] = 0 if inp.sharding == "zero3_offload" else int(opt / (n if shard_o else 1))
-    seqs = inp.micro_batch * (2 if inp.stage_type in ("dpo", "kto", "orpo") else 1)
-    tokens_h = inp.seq_len * seqs * shape.hidden_size
+    seqs = inp.micro_batch * (2 if inp.stage_type in ("dpo", "kto", "orpo", "reward") else 1)
+    # on-policy stages train on prompt + completion
+    seq = inp.seq_len + (inp.gen_tokens if inp.stage_type in ("ppo", "grpo", "rloo") else 0)
+    tokens_h = seq * seqs * shape.hidden_size
     if not training:
         out["activations"] = tokens_h * 17 * b  # one layer's worth at a time, nothing kept for backward
     elif inp.activation_checkpointing:
         out["activations"] = shape.num_layers * tokens_h * b + tokens_h * 17 * b
     else:
         out["activations"] = shape.num_layers * tokens_h * 17 * b
-    out["logits"] = inp.seq_len * seqs * shape.vocab_size * 4 * (2 if training else 1)
+    vocab = 1 if inp.stage_type == "reward" else shape.vocab_size  # a reward model outputs one score
+    out["logits"] = seq * seqs * vocab * 4 * (2 if training else 1)
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * b
     extra = 0
     if inp.stage_type in ("dpo", "kto") and full:
@@ -291,10 +299,13 @@ def fixes(shape: ModelShape, inp: StageMemoryInput, gpu_bytes: int) -> list[str]
         out.append("use DeepSpeed ZeRO-3 (`--accelerate-config deepspeed_zero3`)")
     if not inp.activation_checkpointing and ok(replace(inp, activation_checkpointing=True)):
         out.append("turn on activation checkpointing (`train.activation_checkpointing: true`)")
+    offloadable = inp.stage_type != "ppo" and inp.sharding != "zero3_offload" and not out
+    if offloadable and ok(replace(inp, sharding="zero3_offload")):
+        out.append("offload to CPU memory (`--accelerate-config deepspeed_zero3_offload`)")
     global_ = inp.micro_batch * inp.grad_accum
-    for m in (mb for mb in (4, 2, 1) if mb < inp.micro_batch):
+    for m in (mb for mb in range(inp.micro_batch - 1, 0, -1) if global_ % mb == 0):
         if ok(replace(inp, micro_batch=m)):
-            k = math.ceil(global_ / m)
+            k = global_ // m
             out.append(
                 f"micro batch {m} with gradient accumulation {k} (`train.per_device_train_batch_size: {m}`, "
                 f"`train.gradient_accumulation_steps: {k}`): same global batch"
@@ -303,8 +314,11 @@ def fixes(shape: ModelShape, inp: StageMemoryInput, gpu_bytes: int) -> list[str]
     if not out:
         combo = replace(inp, activation_checkpointing=True, micro_batch=1)
         combo = combo if inp.stage_type == "ppo" else replace(combo, sharding="zero3")
+        offload = replace(combo, sharding="zero3_offload")
         if ok(combo):
             out.append("combine them: ZeRO-3, activation checkpointing and micro batch 1")
+        elif inp.stage_type != "ppo" and ok(offload):
+            out.append("combine them: ZeRO-3 with CPU offload, activation checkpointing and micro batch 1")
         else:
             out.append(
                 "it does not fit even with ZeRO-3, checkpointing and micro batch 1 "
