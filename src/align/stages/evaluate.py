@@ -124,7 +124,6 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         batch_size=stage.batch_size,
     )
     headline = {f"{r['target']}/{r['task']}/{r['metric']}": r["value"] for r in results}
-    headline["peak_memory_bytes"] = distributed.peak_memory_bytes()
     if not distributed.is_main():
         return None
     return {"type": "eval", "output": {"kind": "metrics", "path": "metrics.json"}, "metrics": headline}
@@ -207,6 +206,7 @@ def evaluate(
         "schema": SCHEMA,
         "versions": library_versions(),
         "processes": distributed.world_size(),
+        "peak_memory_bytes": distributed.peak_memory_bytes(),
         "results": results,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
