@@ -23,7 +23,8 @@ fp32), N processes, s tokens per sequence, m sequences per micro batch, h hidden
 
 dpo/kto/orpo and reward run chosen and rejected together: m is twice the micro batch (a reward model's
 "logits" are one score, V = 1). ppo/grpo/rloo train on prompt + completion: s = prompt + new tokens.
-The value/reward models are assumed to be the policy's size (InstructGPT's setup; align's PPO initialises the value model from the reward model).
+The value/reward models are assumed to be the policy's size (InstructGPT's setup; align's PPO initialises the
+value model from the reward model).
 """
 
 from __future__ import annotations
