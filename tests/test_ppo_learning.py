@@ -182,7 +182,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
     assert part["interrupted"] is True and part["steps"] == 2
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     c2 = ckpt / "checkpoint-2"
-    for name in ("adapter/adapter_model.safetensors", "value.safetensors", "optimizer.pt", "trainer_state.json"):
+    for name in ("adapter/adapter_model.safetensors", "value.safetensors", "optimizer.bin", "trainer_state.json"):
         assert (c2 / name).is_file(), name
     assert json.loads((c2 / "trainer_state.json").read_text())["global_step"] == 2
 

@@ -67,31 +67,39 @@ RESERVED = {
 
 def check_trainer_args(args: dict[str, Any], config_cls: type, path: str) -> list[tuple[str, str]]:
     """Report unknown names (with the closest TRL name) and values of the wrong type, all at once."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    types = _field_types(config_cls, init_only=True)
     problems = []
     for key, value in args.items():
         where = f"{path}.{key}"
         if key in RESERVED:
             problems.append((where, f"not allowed here: {RESERVED[key]}"))
-        elif key not in fields:
-            problems.append((where, f"unknown {config_cls.__name__} field{did_you_mean(key, fields)}"))
-        else:
-            expected = _type_name(fields[key].type)
-            if not _matches(fields[key].type, value):
-                problems.append((where, f"expected {expected}, got {value!r} ({type(value).__name__})"))
+        elif key not in types:
+            problems.append((where, f"unknown {config_cls.__name__} field{did_you_mean(key, types)}"))
+        elif not _matches(types[key], value):
+            problems.append((where, f"expected {_type_name(types[key])}, got {value!r} ({type(value).__name__})"))
     return problems
 
 
 def coerce_trainer_args(args: dict[str, Any], config_cls: type) -> dict[str, Any]:
     """A quoted number (`"2e-5"`, or an override's string) becomes a number where TRL wants one; unquoted
     exponents are numbers already (align.yamlio)."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    types = _field_types(config_cls)
     out = dict(args)
     for k, v in args.items():
-        if isinstance(v, str) and k in fields and _accepts(fields[k].type, float) and not _accepts(fields[k].type, str):
+        if isinstance(v, str) and k in types and _accepts(types[k], float) and not _accepts(types[k], str):
             with contextlib.suppress(ValueError):
-                out[k] = int(v) if _accepts(fields[k].type, int) and v.lstrip("-").isdigit() else float(v)
+                out[k] = int(v) if _accepts(types[k], int) and v.lstrip("-").isdigit() else float(v)
     return out
+
+
+def _field_types(config_cls: type, init_only: bool = False) -> dict[str, Any]:
+    """Each dataclass field's type, with string annotations (`from __future__ import annotations`) resolved; the raw
+    annotations where they cannot be (a name imported only under TYPE_CHECKING, say)."""
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(config_cls) if f.init or not init_only}
 
 
 def _accepts(tp: Any, base: type) -> bool:

@@ -1,8 +1,13 @@
 """Actor-critic PPO for causal language models: a LoRA policy, its adapter-disabled base as the reference, and a
-separate value model (see ``align.ppo.trainer``); the tensor math lives in ``align.ppo.core``."""
+separate value model.
+
+``trainer`` (the update loop, ``PPOTrainer``), ``rollout`` (sampling and scoring), ``core`` (the tensor math, pure
+functions), ``config`` (``PPOConfig``), ``value`` (``ValueModel``), ``checkpoint`` (save and resume).
+"""
 
 from __future__ import annotations
 
+from align.ppo.config import PPOConfig
 from align.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -16,7 +21,9 @@ from align.ppo.core import (
     response_mask,
     value_loss,
 )
-from align.ppo.trainer import NonFinitePPOLoss, PPOConfig, PPOTrainer, Rollout, ValueModel
+from align.ppo.rollout import Rollout
+from align.ppo.trainer import NonFinitePPOLoss, PPOTrainer
+from align.ppo.value import ValueModel
 
 __all__ = [
     "AdaptiveKLController",
