@@ -305,3 +305,142 @@ def test_run_task_mmlu_and_generation(tmp_path, tok, model) -> None:
     res = run_task(load_task(tmp_path / "mt.yaml"), model, tok, root=tmp_path, progress=False)
     assert res["metric"] == "rouge" and res["n"] == 1 and len(res["predictions"]) == 1
     assert set(res) >= {"rouge1", "rouge2", "rougeL", "rougeLsum", "score"}
+
+
+# --------------------------------------------------------------------------- prompt format from the task YAML
+
+
+def _tasks_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "evaluation" / "tasks"
+
+
+def test_shipped_yaml_states_the_default_format() -> None:
+    """mmlu_shared5.yaml spells every prompt field out; they equal the defaults, so a task file
+    without them gives byte-identical prompts."""
+    from align.evaluation.tasks import MMLUSpec, load_task
+
+    spec = load_task(_tasks_dir() / "mmlu_shared5.yaml")
+    assert spec.mmlu == MMLUSpec()
+    assert spec.mmlu.model_fields_set >= {"description", "doc_to_text", "choices", "choice_labels", "normalize"}
+    subj = toy_subject()
+    for k in (0, 2):
+        assert build_prompt(subj, subj.test[1], k, fmt=spec.mmlu) == build_prompt(subj, subj.test[1], k)
+
+
+def test_cloze_yaml_prompt_and_length_normalised_scores(tok, model) -> None:
+    from align.evaluation.mmlu import mmlu_requests
+    from align.evaluation.tasks import load_task
+
+    spec = load_task("mmlu_shared5_cloze", tasks_dir=_tasks_dir())
+    assert (spec.mmlu.choices, spec.mmlu.normalize) == ("texts", "chars")
+    subj = toy_subject()
+    reqs = mmlu_requests({"toy_subject": subj}, 2, spec.mmlu)
+    assert reqs[1].context == (
+        "The following are questions (with answers) about toy subject.\n\n"
+        "Question: What is 1+1?\nAnswer: 2\n\n"
+        "Question: Which is a colour?\nAnswer: red\n\n"
+        "Question: Which word is a verb?\nAnswer:"
+    )
+    assert reqs[1].continuations == ("  table", " quickly", " the", " jump ")  # target_delimiter + text
+
+    res = evaluate_mmlu(model, tok, {"toy_subject": subj}, num_fewshot=2, progress=False, prompt_format=spec.mmlu)
+    assert res.normalize == "chars"
+    for p, r, q in zip(res.predictions, reqs, subj.test, strict=True):
+        expected = [naive_loglik(model, tok, r.context, c) for c in r.continuations]
+        assert p.loglikelihoods == pytest.approx(expected, abs=1e-4)
+        assert all(n > 1 for n in p.num_tokens)  # answer texts: multi-token continuations
+        assert p.prediction == max(range(4), key=lambda c: (expected[c] / len(q.choices[c]), -c))  # acc_norm
+
+    def run(normalize: str):
+        fmt = spec.mmlu.model_copy(update={"normalize": normalize})
+        return evaluate_mmlu(model, tok, {"toy_subject": subj}, 2, progress=False, prompt_format=fmt)
+
+    raw = run("none")
+    assert [p.loglikelihoods for p in raw.predictions] == [p.loglikelihoods for p in res.predictions]
+    for p in raw.predictions:
+        assert p.prediction == max(range(4), key=lambda c: (p.loglikelihoods[c], -c))
+    per_token = run("tokens")
+    for p in per_token.predictions:
+        assert p.prediction == max(range(4), key=lambda c: (p.loglikelihoods[c] / p.num_tokens[c], -c))
+
+
+def test_fewshot_row_equal_to_the_question_is_dropped(tok, model) -> None:
+    """lm-eval's get_context: a drawn shot equal to the evaluated doc is removed (not replaced)."""
+    subj = toy_subject()
+    dup = MMLUSubject("toy_subject", [subj.dev[0], subj.test[0]], subj.dev)
+    prompt = build_prompt(dup, dup.test[0], num_fewshot=2)
+    assert prompt == (
+        "The following are multiple choice questions (with answers) about toy subject.\n\n"
+        "Which is a colour?\nA. red\nB. dog\nC. run\nD. up\nAnswer: A\n\n"
+        "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+    )
+    assert build_prompt(dup, dup.test[1], 2) == build_prompt(subj, subj.test[0], 2)  # others keep both shots
+    res = evaluate_mmlu(model, tok, {"toy_subject": dup}, num_fewshot=2, progress=False)
+    for p, q in zip(res.predictions, dup.test, strict=True):
+        expected = [naive_loglik(model, tok, build_prompt(dup, q, 2), f" {c}") for c in "ABCD"]
+        assert p.loglikelihoods == pytest.approx(expected, abs=1e-4)
+
+
+def test_custom_labels_delimiters_and_description(tok, model) -> None:
+    from align.evaluation.tasks import MMLUSpec
+
+    fmt = MMLUSpec(
+        description="Subject: {{subject}}\n",
+        doc_to_text="Q: {{question.strip()}}\n{% for c in choices %}({{labels[loop.index0]}}) {{c}}\n{% endfor %}A:",
+        choice_labels=["1", "2", "3", "4"],
+        target_delimiter="",
+        fewshot_delimiter="\n---\n",
+    )
+    subj = toy_subject()
+    assert build_prompt(subj, subj.test[2], 1, fmt=fmt) == (
+        "Subject: toy_subject\n"
+        "Q: What is 1+1?\n(1) 1\n(2) 2\n(3) 3\n(4) 4\nA:2\n---\n"
+        "Q: The sky is usually what colour on a clear day?\n(1) green\n(2) blue\n(3) x\n(4) y\nA:"
+    )
+    res = evaluate_mmlu(model, tok, {"toy_subject": subj}, num_fewshot=1, progress=False, prompt_format=fmt)
+    for p, q in zip(res.predictions, subj.test, strict=True):
+        expected = [naive_loglik(model, tok, build_prompt(subj, q, 1, fmt=fmt), c) for c in "1234"]
+        assert p.loglikelihoods == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="choice_labels has 3 labels"):
+        evaluate_mmlu(model, tok, {"s": subj}, 0, progress=False, prompt_format=MMLUSpec(choice_labels=["A", "B", "C"]))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("doc_to_text", "'{{question}} {{choise}}'", r"doc_to_text[\s\S]*unknown variable\(s\) \['choise'\]"),
+        ("doc_to_text", "'{{question'", r"doc_to_text[\s\S]*not a valid Jinja2 template"),
+        ("description", "'About {{question}}'", r"description[\s\S]*unknown variable\(s\) \['question'\]"),
+        ("choice_labels", "[A, A, B, C]", r"choice_labels[\s\S]*distinct"),
+        ("normalize", "length", r"normalize"),
+        ("choices", "words", r"choices"),
+    ],
+)
+def test_prompt_fields_are_validated_at_load(tmp_path, field: str, value: str, message: str) -> None:
+    from align.evaluation.tasks import TaskSpecError, load_task
+
+    head = "name: m\ntype: mmlu\ndata: {path: x, format: mmlu_csv}\n"
+    _write(tmp_path / "t.yaml", head + f"mmlu:\n  {field}: {value}\n")
+    with pytest.raises(TaskSpecError, match=message):
+        load_task(tmp_path / "t.yaml")
+
+
+def test_run_task_uses_the_yaml_format(tmp_path, tok, model) -> None:
+    from align.evaluation.runner import run_task
+    from align.evaluation.tasks import load_task
+
+    _write(tmp_path / "mmlu/test/astro_test.csv", CSV_TEST)
+    _write(tmp_path / "mmlu/dev/astro_dev.csv", CSV_DEV)
+    _write(
+        tmp_path / "cloze.yaml",
+        "name: c\ntype: mmlu\ndata: {path: mmlu, format: mmlu_csv}\n"
+        "mmlu: {num_fewshot: 1, doc_to_text: 'Question: {{question}}\\nAnswer:', choices: texts, normalize: bytes}\n",
+    )
+    spec = load_task(tmp_path / "cloze.yaml")
+    res = run_task(spec, model, tok, root=tmp_path, progress=False)
+    data = load_mmlu(tmp_path / "mmlu")
+    direct = evaluate_mmlu(model, tok, data, num_fewshot=1, progress=False, prompt_format=spec.mmlu)
+    assert res["normalize"] == "bytes" and res["n"] == 2
+    assert res["score"] == pytest.approx(100 * direct.aggregate.accuracy)

@@ -1,48 +1,53 @@
-"""MMLU (letter format) with lm-evaluation-harness parity and a KV-cached fast scorer.
+"""MMLU as an lm-evaluation-harness task: data, few-shot contexts, accuracy. Scoring is generic.
 
-Parity target: lm-eval 0.4.13's ``mmlu`` task, default variant (``tasks/mmlu/default``):
+Parity target: lm-eval 0.4.13's ``mmlu`` task, default variant (``tasks/mmlu/default``), whose
+prompt is this module's default format (the ``mmlu:`` section of a task YAML, see ``tasks.py``;
+every field can be changed there, e.g. to lm-eval's ``mmlu_continuation`` / SmolLM2's cloze):
 
-* context = ``"The following are multiple choice questions (with answers) about {subject}.\\n\\n"``
-  + the first ``k`` dev rows, each ``doc_to_text + " " + letter``, joined and followed by
-  ``"\\n\\n"`` + the test row's ``doc_to_text``; ``doc_to_text`` is
-  ``"{question.strip()}\\nA. {c0}\\nB. {c1}\\nC. {c2}\\nD. {c3}\\nAnswer:"`` (choices are *not*
-  stripped);
-* continuations ``" A"`` .. ``" D"`` (target delimiter ``" "``), scored by summed log-likelihood,
-  ``argmax`` (first index on ties) is the prediction; metric ``acc``;
-* tokenization as ``HFLM._encode_pair``: trailing whitespace of the context moves to the
-  continuation, ``context_enc = enc(context)``, ``continuation_enc = enc(context + cont)[len(context_enc):]``,
-  where ``enc`` uses the tokenizer's default special tokens unless the text already starts with
-  the BOS string (``HFLM.tok_encode`` with ``add_bos_token=None``).
+* context = ``description`` (``"The following are multiple choice questions (with answers) about
+  {subject}.\\n\\n"``) + each of the first ``k`` dev rows (lm-eval ``first_n`` sampler; a dev row
+  equal to the test row is dropped, as lm-eval does) as ``doc_to_text + target_delimiter + answer +
+  fewshot_delimiter``, + the test row's ``doc_to_text``, by default
+  ``"{question.strip()}\\nA. {c0}\\nB. {c1}\\nC. {c2}\\nD. {c3}\\nAnswer:"`` (choices not stripped);
+* continuations ``target_delimiter + label`` (``" A"`` .. ``" D"``), or ``+ answer text`` with
+  ``choices: texts``; the prediction is the first argmax of the summed log-likelihoods, divided by
+  the choice's characters / UTF-8 bytes / tokens with ``normalize: chars|bytes|tokens`` (lm-eval's
+  ``acc_norm`` / ``acc_bytes``); metric accuracy, lm-eval's stderr, size-weighted aggregate.
 
-Speed: every question of a subject shares the description + few-shot prefix, so its KV cache is
-computed once per subject and only the per-question suffix is run. The cached prefix is the
-longest common prefix of the *token ids* of all contexts (not the tokenized prefix string: BPE
-merges across the ``"\\n\\n"`` boundary differ), so the scored token sequences are exactly the ones
-lm-eval scores. When the four continuations are single tokens (the usual case) one forward over
-the question suffix scores all four letters from the last position's logits.
+Log-likelihoods come from :func:`align.evaluation.multiple_choice.score_choices` (lm-eval's
+tokenization, one prefix KV cache per subject's few-shot block, batches sharded over processes).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from align import distributed
 from align.evaluation.metrics import mean_stderr, pooled_stderr, weighted_mean
 
-LETTERS: tuple[str, str, str, str] = ("A", "B", "C", "D")
-TARGET_DELIMITER = " "
-FEWSHOT_DELIMITER = "\n\n"
+# re-exported: the engine's pieces were defined here before `multiple_choice.py` (tests use them)
+from align.evaluation.multiple_choice import (  # noqa: F401
+    ChoiceRequest,
+    ChoiceScores,
+    _length_batches,
+    _plan_rows,
+    _Row,
+    argmax,
+    encode_pairs,
+    length_normalized,
+    score_choices,
+)
+from align.evaluation.tasks import MultipleChoicePrompt, render_template
+
+LETTERS: tuple[str, str, str, str] = ("A", "B", "C", "D")  # answer letters of the CSV release
+DEFAULT_FORMAT = MultipleChoicePrompt()  # lm-eval's `mmlu` (default) prompt
 
 
 # --------------------------------------------------------------------------- data
@@ -67,12 +72,8 @@ class MMLUSubject:
 
     @property
     def description(self) -> str:
+        """The default (lm-eval ``mmlu``) prompt's first line for this subject."""
         return subject_description(self.name)
-
-
-def subject_description(subject: str) -> str:
-    """lm-eval's per-subject ``description`` (underscores become spaces)."""
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
 def _parse_answer(value: Any, where: str) -> int:
@@ -215,212 +216,117 @@ def load_mmlu(
 # --------------------------------------------------------------------------- prompts
 
 
-def format_question(q: MMLUQuestion, with_answer: bool = False) -> str:
-    """lm-eval ``doc_to_text`` (question stripped, choices verbatim), plus `` X`` if answered."""
-    c = q.choices
-    text = f"{q.question.strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:"
-    return text + TARGET_DELIMITER + LETTERS[q.answer] if with_answer else text
+class MMLUPrompter:
+    """A :class:`~align.evaluation.tasks.MultipleChoicePrompt` applied to MMLU rows (lm-eval's
+    ``fewshot_context`` / ``construct_requests`` for a ``multiple_choice`` task)."""
 
+    def __init__(self, fmt: MultipleChoicePrompt | None = None) -> None:
+        self.fmt = fmt if fmt is not None else DEFAULT_FORMAT
 
-def fewshot_prefix(subject: MMLUSubject, num_fewshot: int) -> str:
-    """Description plus the first ``num_fewshot`` dev rows: the part shared by all questions."""
-    if num_fewshot > len(subject.dev):
-        raise ValueError(f"{subject.name}: num_fewshot={num_fewshot} but only {len(subject.dev)} dev rows")
-    shots = "".join(format_question(q, with_answer=True) + FEWSHOT_DELIMITER for q in subject.dev[:num_fewshot])
-    return subject.description + shots
-
-
-def build_prompt(subject: MMLUSubject, question: MMLUQuestion, num_fewshot: int = 5) -> str:
-    """Full context string for one test question (ends with ``"Answer:"``)."""
-    return fewshot_prefix(subject, num_fewshot) + format_question(question)
-
-
-# --------------------------------------------------------------------------- tokenization
-
-
-def _bos_string(tokenizer: Any) -> str | None:
-    """lm-eval's ``prefix_token_id`` decoded (BOS, else EOS)."""
-    tok_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return tokenizer.decode([tok_id]) if tok_id is not None else None
-
-
-def _encode_many(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool | None) -> list[list[int]]:
-    """Batch version of lm-eval ``HFLM.tok_encode`` (``add_special_tokens`` = its ``add_bos_token``)."""
-    bos = _bos_string(tokenizer) if add_special_tokens is None else None
-    groups: dict[bool | None, list[int]] = {}
-    for i, t in enumerate(texts):
-        flag = add_special_tokens
-        if flag is None and bos and t.startswith(bos):
-            flag = False
-        groups.setdefault(flag, []).append(i)
-    out: list[list[int]] = [[] for _ in texts]
-    for flag, idx in groups.items():
-        kwargs = {} if flag is None else {"add_special_tokens": flag}
-        enc = tokenizer([texts[i] for i in idx], **kwargs)["input_ids"]
-        for i, ids in zip(idx, enc, strict=True):
-            out[i] = list(ids)
-    return out
-
-
-def encode_pairs(
-    tokenizer: Any,
-    contexts: Sequence[str],
-    continuation_sets: Sequence[Sequence[str]],
-    add_special_tokens: bool | None = None,
-) -> list[tuple[list[int], list[list[int]]]]:
-    """lm-eval ``_encode_pair`` for each context and each of its continuations."""
-    ctx_texts, whole_texts = [], []
-    for ctx, conts in zip(contexts, continuation_sets, strict=True):
-        n_spaces = len(ctx) - len(ctx.rstrip())
-        moved = ctx[len(ctx) - n_spaces :] if n_spaces else ""
-        base = ctx[: len(ctx) - n_spaces] if n_spaces else ctx
-        ctx_texts.append(base)
-        whole_texts.extend(base + moved + c for c in conts)
-    ctx_ids = _encode_many(tokenizer, ctx_texts, add_special_tokens)
-    whole_ids = _encode_many(tokenizer, whole_texts, add_special_tokens)
-    out, k = [], 0
-    for ids, conts in zip(ctx_ids, continuation_sets, strict=True):
-        cont_ids = [whole_ids[k + j][len(ids) :] for j in range(len(conts))]
-        k += len(conts)
-        if not ids or any(not c for c in cont_ids):
-            raise ValueError("empty context or continuation after tokenization")
-        out.append((ids, cont_ids))
-    return out
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-@dataclass
-class _Row:
-    """One forward row: ``ids`` after the cached prefix; each target ``(question, choice, cont)``
-    is scored on the last ``len(cont)`` positions of the row."""
-
-    ids: list[int]
-    targets: list[tuple[int, int, list[int]]]
-
-
-def _plan_rows(
-    encoded: Sequence[tuple[list[int], list[list[int]]]],
-) -> tuple[list[int], list[_Row], int]:
-    """Pick the shared prefix (longest common token prefix) and build the suffix rows."""
-    ctxs = [ctx for ctx, _ in encoded]
-    common = min(len(c) for c in ctxs) - 1  # keep >= 1 suffix token per row
-    first = ctxs[0]
-    for ctx in ctxs[1:]:
-        n = 0
-        limit = min(common, len(ctx))
-        while n < limit and ctx[n] == first[n]:
-            n += 1
-        common = n
-    prefix = first[:common]
-    rows, n_fast = [], 0
-    for qi, (ctx, conts) in enumerate(encoded):
-        if all(len(c) == 1 for c in conts):
-            rows.append(_Row(ctx[common:], [(qi, ci, c) for ci, c in enumerate(conts)]))
-            n_fast += 1
-        else:  # multi-token continuation: one row per choice, scored like lm-eval
-            for ci, c in enumerate(conts):
-                rows.append(_Row((ctx + c)[common:-1], [(qi, ci, c)]))
-    return prefix, rows, n_fast
-
-
-def _length_batches(rows: Sequence[_Row], batch_size: int, max_padding: float) -> list[list[_Row]]:
-    """Longest-first batches of at most ``batch_size`` rows; a batch is also closed when adding
-    the next row would make padding exceed ``max_padding`` of its real tokens (suffix lengths
-    vary a lot within a subject, and padded tokens cost as much as real ones)."""
-    batches: list[list[_Row]] = []
-    cur: list[_Row] = []
-    real = 0
-    for row in sorted(rows, key=lambda r: -len(r.ids)):
-        n = len(row.ids)
-        if cur and (len(cur) == batch_size or len(cur[0].ids) * (len(cur) + 1) > (real + n) * (1 + max_padding)):
-            batches.append(cur)
-            cur, real = [], 0
-        cur.append(row)
-        real += n
-    return batches + ([cur] if cur else [])
-
-
-@contextmanager
-def _native_gqa_sdpa(device: torch.device) -> Iterator[None]:
-    """On CPU, let transformers pass grouped KV heads straight to SDPA (``enable_gqa``) instead
-    of materialising repeated K/V for the whole cached prefix (~15-20% faster here). transformers
-    only does this without a mask by default because CUDA kernels fall back to the math path;
-    on CPU the masked GQA path is fine. Scoped: the variable is restored afterwards."""
-    key = "TRANSFORMERS_SDPA_FORCE_GQA"
-    if device.type != "cpu" or key in os.environ:
-        yield
-        return
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-class _PrefixScorer:
-    """Runs suffix rows against a prefix KV cache computed once; the cache tensors are never
-    mutated (each batch gets a fresh ``DynamicCache`` built from expanded views)."""
-
-    def __init__(self, model: Any, prefix: list[int], device: torch.device, pad_id: int) -> None:
-        from transformers import DynamicCache
-
-        self.model, self.device, self.pad_id = model, device, pad_id
-        self._cache_cls = DynamicCache
-        self.prefix_len = len(prefix)
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.use_logits_to_keep = True
-        if prefix:
-            ids = torch.tensor([prefix], device=device)
-            kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
-            try:  # logits of the prefix are not needed: skip the LM head where supported
-                out = model(**kwargs, logits_to_keep=1)
-            except TypeError:
-                out = model(**kwargs)
-            self.kv = [(k, v) for k, v, *_ in out.past_key_values]
-
-    def _cache(self, batch: int) -> Any:
-        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv]
-        return self._cache_cls(ddp_cache_data=data, config=self.model.config)
-
-    def logprobs(self, rows: Sequence[_Row]) -> torch.Tensor:
-        """Log-softmax (float32) over the last ``keep`` positions, rows left-padded: [B, keep, V]."""
-        width = max(len(r.ids) for r in rows)
-        keep = max(len(c) for r in rows for _, _, c in r.targets)
-        b, p = len(rows), self.prefix_len
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, p + width), dtype=torch.long)
-        mask[:, :p] = 1
-        pos = torch.full((b, width), p, dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r.ids)
-            ids[i, width - n :] = torch.tensor(r.ids)
-            mask[i, p + width - n :] = 1
-            pos[i, width - n :] = torch.arange(p, p + n)
-        kwargs: dict[str, Any] = {
-            "input_ids": ids.to(self.device),
-            "attention_mask": mask.to(self.device),
-            "position_ids": pos.to(self.device),
-            "use_cache": True,
+    def _doc(self, q: MMLUQuestion, subject: str) -> dict[str, Any]:
+        """The record the templates see: a cais/mmlu row, plus the choice labels."""
+        return {
+            "question": q.question,
+            "choices": list(q.choices),
+            "answer": q.answer,
+            "subject": subject,
+            "labels": list(self.fmt.choice_labels),
         }
-        if self.kv:
-            kwargs["past_key_values"] = self._cache(b)
-        if self.use_logits_to_keep:
-            try:
-                logits = self.model(**kwargs, logits_to_keep=keep).logits
-            except TypeError:  # model without `logits_to_keep`: compute all, slice below
-                self.use_logits_to_keep = False
-                if self.kv:
-                    kwargs["past_key_values"] = self._cache(b)
-                logits = self.model(**kwargs).logits
-        else:
-            logits = self.model(**kwargs).logits
-        return torch.log_softmax(logits[:, -keep:].float(), dim=-1)
+
+    def description(self, subject: str) -> str:
+        return render_template(self.fmt.description, subject=subject, labels=list(self.fmt.choice_labels))
+
+    def text(self, q: MMLUQuestion, subject: str = "") -> str:
+        """``doc_to_text``: the question as it is asked (no answer)."""
+        return render_template(self.fmt.doc_to_text, **self._doc(q, subject))
+
+    def choices(self, q: MMLUQuestion) -> list[str]:
+        """``doc_to_choice``: the labels (``letters``) or the answer texts (``texts``)."""
+        if self.fmt.choices == "texts":
+            return list(q.choices)
+        labels = self.fmt.choice_labels
+        if len(labels) != len(q.choices):
+            raise ValueError(f"choice_labels has {len(labels)} labels but the question has {len(q.choices)} choices")
+        return list(labels)
+
+    def continuations(self, q: MMLUQuestion) -> list[str]:
+        return [self.fmt.target_delimiter + c for c in self.choices(q)]
+
+    def shot(self, q: MMLUQuestion, subject: str = "") -> str:
+        """A solved example: ``doc_to_text + target_delimiter + answer`` (no few-shot delimiter)."""
+        return self.text(q, subject) + self.fmt.target_delimiter + self.choices(q)[q.answer]
+
+    def shots(self, subject: MMLUSubject, num_fewshot: int) -> list[MMLUQuestion]:
+        """lm-eval's ``first_n`` draw: the first ``num_fewshot`` dev rows."""
+        if num_fewshot > len(subject.dev):
+            raise ValueError(f"{subject.name}: num_fewshot={num_fewshot} but only {len(subject.dev)} dev rows")
+        return subject.dev[:num_fewshot]
+
+    def contexts(self, subject: MMLUSubject, num_fewshot: int) -> list[tuple[str, str]]:
+        """``(few-shot prefix, full context)`` of each test row, in order. As lm-eval's
+        ``get_context``, a drawn shot equal to the test row itself is dropped (not replaced)."""
+        shots = self.shots(subject, num_fewshot)
+        blocks = [self.shot(d, subject.name) + self.fmt.fewshot_delimiter for d in shots]
+        head = self.description(subject.name)
+        shared = head + "".join(blocks)
+        out = []
+        for q in subject.test:
+            prefix = shared
+            if q in shots:
+                prefix = head + "".join(b for d, b in zip(shots, blocks, strict=True) if d != q)
+            out.append((prefix, prefix + self.text(q, subject.name)))
+        return out
+
+    def lengths(self, q: MMLUQuestion, scores: ChoiceScores) -> Sequence[float] | None:
+        """What ``normalize`` divides by (``None``: raw sums). chars / bytes are those of the
+        choice strings without the delimiter, as lm-eval's ``acc_norm`` / ``acc_bytes``."""
+        how = self.fmt.normalize
+        if how == "none":
+            return None
+        if how == "tokens":
+            return scores.num_tokens
+        return [len(c) if how == "chars" else len(c.encode("utf-8")) for c in self.choices(q)]
+
+
+def subject_description(subject: str, fmt: MultipleChoicePrompt | None = None) -> str:
+    """The prompt's first line for ``subject`` (lm-eval's per-subject ``description``)."""
+    return MMLUPrompter(fmt).description(subject)
+
+
+def format_question(
+    q: MMLUQuestion,
+    with_answer: bool = False,
+    *,
+    fmt: MultipleChoicePrompt | None = None,
+    subject: str = "",
+) -> str:
+    """lm-eval ``doc_to_text`` (default: question stripped, choices verbatim), plus the target
+    delimiter and the answer (`` X``) if ``with_answer``."""
+    p = MMLUPrompter(fmt)
+    return p.shot(q, subject) if with_answer else p.text(q, subject)
+
+
+def fewshot_prefix(subject: MMLUSubject, num_fewshot: int, *, fmt: MultipleChoicePrompt | None = None) -> str:
+    """Description plus the first ``num_fewshot`` dev rows: the part shared by all questions."""
+    p = MMLUPrompter(fmt)
+    return p.description(subject.name) + "".join(
+        p.shot(q, subject.name) + p.fmt.fewshot_delimiter for q in p.shots(subject, num_fewshot)
+    )
+
+
+def build_prompt(
+    subject: MMLUSubject,
+    question: MMLUQuestion,
+    num_fewshot: int = 5,
+    *,
+    fmt: MultipleChoicePrompt | None = None,
+) -> str:
+    """Full context string for one test question (by default it ends with ``"Answer:"``)."""
+    one = MMLUSubject(subject.name, [question], subject.dev)
+    return MMLUPrompter(fmt).contexts(one, num_fewshot)[0][1]
+
+
+# --------------------------------------------------------------------------- evaluation
 
 
 @dataclass(frozen=True)
@@ -438,9 +344,10 @@ class MMLUPrediction:
 
     subject: str
     index: int
-    loglikelihoods: tuple[float, float, float, float]
+    loglikelihoods: tuple[float, ...]
     prediction: int
     answer: int
+    num_tokens: tuple[int, ...] = ()
 
     @property
     def correct(self) -> bool:
@@ -456,12 +363,30 @@ class MMLUResult:
     predictions: list[MMLUPrediction]
     num_fewshot: int
     seconds: float = 0.0
+    normalize: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for p in d["predictions"]:
             p["correct"] = p["prediction"] == p["answer"]
         return d
+
+
+def mmlu_requests(
+    subjects_data: Mapping[str, MMLUSubject],
+    num_fewshot: int = 5,
+    fmt: MultipleChoicePrompt | None = None,
+) -> list[ChoiceRequest]:
+    """One :class:`ChoiceRequest` per test question, subjects in order; questions that share a
+    few-shot prefix share a cache group."""
+    p = MMLUPrompter(fmt)
+    out = []
+    for name, subject in subjects_data.items():
+        if not subject.test:
+            raise ValueError(f"subject {name!r} has no test questions")
+        for q, (prefix, context) in zip(subject.test, p.contexts(subject, num_fewshot), strict=True):
+            out.append(ChoiceRequest(context, tuple(p.continuations(q)), group=(name, prefix)))
+    return out
 
 
 def evaluate_mmlu(
@@ -475,77 +400,41 @@ def evaluate_mmlu(
     add_special_tokens: bool | None = None,
     max_padding: float = 0.15,
     progress: bool = True,
+    prompt_format: MultipleChoicePrompt | None = None,
 ) -> MMLUResult:
-    """Score MMLU like lm-eval's default ``mmlu`` task, with one prefix KV cache per subject.
+    """Score MMLU like lm-eval's ``mmlu`` task (or the variant ``prompt_format`` describes).
 
-    Works with any HF causal LM whose forward accepts ``past_key_values``/``position_ids``
-    (plain or peft-wrapped). ``add_special_tokens`` mirrors lm-eval's ``add_bos_token`` model
-    arg (``None``: the tokenizer's default). ``max_padding`` bounds padded/real tokens per batch
-    (rows are batched longest-first). Contexts are not left-truncated: they must fit
-    the model's context window (5-shot MMLU does, for 2k+ windows).
+    ``add_special_tokens`` mirrors lm-eval's ``add_bos_token`` model arg (``None``: the
+    tokenizer's default); ``batch_size`` / ``max_padding`` / ``device``: see
+    :func:`~align.evaluation.multiple_choice.score_choices`. Contexts are not left-truncated:
+    they must fit the model's context window (5-shot MMLU does, for 2k+ windows).
     """
-    device = torch.device(device) if device is not None else _model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    conts = [TARGET_DELIMITER + letter for letter in LETTERS]
-
-    plans = []
-    for name, subject in subjects_data.items():
-        if not subject.test:
-            raise ValueError(f"subject {name!r} has no test questions")
-        prefix_text = fewshot_prefix(subject, num_fewshot)
-        contexts = [prefix_text + format_question(q) for q in subject.test]
-        encoded = encode_pairs(tokenizer, contexts, [conts] * len(contexts), add_special_tokens)
-        plans.append((name, subject, _plan_rows(encoded)))
-
-    was_training = getattr(model, "training", False)
-    model.eval()
+    p = MMLUPrompter(prompt_format)
+    requests = mmlu_requests(subjects_data, num_fewshot, p.fmt)
+    start = time.perf_counter()
+    scores = score_choices(
+        model,
+        tokenizer,
+        requests,
+        batch_size=batch_size,
+        device=device,
+        add_special_tokens=add_special_tokens,
+        max_padding=max_padding,
+        progress=progress,
+        desc="MMLU",
+    )
     per_subject: dict[str, Score] = {}
     predictions: list[MMLUPrediction] = []
-    start = time.perf_counter()
-    bar = tqdm(
-        total=sum(len(rows) for _, _, (_, rows, _) in plans),
-        desc="MMLU",
-        disable=not progress,
-    )
-    try:
-        with torch.inference_mode(), _native_gqa_sdpa(device):
-            for name, subject, (prefix, rows, _) in plans:
-                bar.set_postfix_str(name)
-                scorer = _PrefixScorer(model, prefix, device, pad_id)
-                ll = [[0.0] * 4 for _ in subject.test]
-                mine: dict[tuple[int, int], float] = {}
-                for bi, batch in enumerate(_length_batches(rows, batch_size, max_padding)):
-                    if not distributed.mine(bi):
-                        bar.update(len(batch))
-                        continue  # another rank scores this batch
-                    logp = scorer.logprobs(batch)
-                    keep = logp.shape[1]
-                    # one gather (and one device->host copy) for every target token of the batch
-                    idx = [
-                        (b, keep - len(cont) + j, tok)
-                        for b, row in enumerate(batch)
-                        for _, _, cont in row.targets
-                        for j, tok in enumerate(cont)
-                    ]
-                    rows_i, pos_i, tok_i = torch.tensor(idx, device=logp.device).unbind(1)
-                    values = logp[rows_i, pos_i, tok_i].tolist()
-                    k = 0
-                    for row in batch:
-                        for qi, ci, cont in row.targets:
-                            mine[(qi, ci)] = sum(values[k : k + len(cont)])
-                            k += len(cont)
-                    bar.update(len(batch))
-                for (qi, ci), v in distributed.merge_gathered(mine).items():
-                    ll[qi][ci] = v
-                correct = []
-                for qi, q in enumerate(subject.test):
-                    pred = max(range(4), key=lambda c: (ll[qi][c], -c))  # first max, like argmax
-                    predictions.append(MMLUPrediction(name, qi, tuple(ll[qi]), pred, q.answer))
-                    correct.append(float(pred == q.answer))
-                per_subject[name] = Score(sum(correct) / len(correct), mean_stderr(correct), len(correct))
-    finally:
-        bar.close()
-        model.train(was_training)
+    it = iter(scores)
+    for name, subject in subjects_data.items():
+        correct = []
+        for qi, q in enumerate(subject.test):
+            s = next(it)
+            lengths = p.lengths(q, s)
+            pred = argmax(s.loglikelihoods if lengths is None else length_normalized(s.loglikelihoods, lengths))
+            predictions.append(MMLUPrediction(name, qi, s.loglikelihoods, pred, q.answer, s.num_tokens))
+            correct.append(float(pred == q.answer))
+        per_subject[name] = Score(sum(correct) / len(correct), mean_stderr(correct), len(correct))
 
     sizes = [s.n for s in per_subject.values()]
     aggregate = Score(
@@ -553,12 +442,15 @@ def evaluate_mmlu(
         pooled_stderr([s.stderr for s in per_subject.values()], sizes),
         sum(sizes),
     )
-    return MMLUResult(per_subject, aggregate, predictions, num_fewshot, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return MMLUResult(per_subject, aggregate, predictions, num_fewshot, seconds, p.fmt.normalize)
 
 
 __all__ = [
+    "DEFAULT_FORMAT",
     "LETTERS",
     "MMLUPrediction",
+    "MMLUPrompter",
     "MMLUQuestion",
     "MMLUResult",
     "MMLUSubject",
@@ -569,5 +461,6 @@ __all__ = [
     "fewshot_prefix",
     "format_question",
     "load_mmlu",
+    "mmlu_requests",
     "subject_description",
 ]

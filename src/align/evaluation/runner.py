@@ -18,8 +18,9 @@ def run_task(
 ) -> dict[str, Any]:
     """Evaluate ``spec`` and return a JSON-able dict: ``{task, version, type, metric, score, ...}``.
 
-    ``score`` is the headline number (accuracy in %, BLEU, or mean ROUGE-L F1 x100 for rouge,
-    with every ROUGE type also reported). Perplexity tasks live in ``perplexity.py``.
+    ``score`` is the headline number (accuracy in %, under the task's ``mmlu.normalize``; BLEU, or
+    mean ROUGE-L F1 x100 for rouge, with every ROUGE type also reported). Perplexity tasks live in
+    ``perplexity.py``.
     """
     head = {"task": spec.name, "version": spec.version, "type": spec.type}
     if spec.type == "mmlu":
@@ -41,10 +42,12 @@ def run_task(
             batch_size=spec.batch_size,
             device=device,
             progress=progress,
+            prompt_format=spec.mmlu,
         )
         return {
             **head,
             "metric": "accuracy",
+            "normalize": spec.mmlu.normalize,
             "score": 100 * res.aggregate.accuracy,
             "stderr": 100 * res.aggregate.stderr,
             "n": res.aggregate.n,

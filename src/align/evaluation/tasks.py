@@ -16,7 +16,15 @@ Schema (every level rejects unknown keys, so a typo fails naming the field)::
     prompt:                      # generation only
       template: "...{source}..." # str.format over the record; literal braces as {{ }}
       use_chat_template: true    # wrap as one user turn if the tokenizer has a chat template
-    mmlu: {num_fewshot: 5}       # mmlu only
+    mmlu:                        # mmlu only; every key optional, defaults = lm-eval's `mmlu` task
+      num_fewshot: 5             # first N dev rows (lm-eval `first_n`; a dev row equal to the question is skipped)
+      description: "The following are multiple choice questions (with answers) about {{subject.replace('_', ' ')}}.\n\n"
+      doc_to_text: "{{question.strip()}}\nA. {{choices[0]}}\nB. ...\nD. {{choices[3]}}\nAnswer:"  # MMLU_DOC_TO_TEXT
+      choices: letters           # letters: continuations are choice_labels | texts: the answer texts (cloze)
+      choice_labels: [A, B, C, D]
+      target_delimiter: " "      # between context and continuation (and a shot's text and its answer)
+      fewshot_delimiter: "\n\n"  # after each shot
+      normalize: none            # none (acc) | chars (acc_norm) | bytes (acc_bytes) | tokens (per-token mean)
     generation: {max_new_tokens: 256}   # generation only
     metric:                      # default from type: accuracy / perplexity
       name: bleu                 # accuracy | bleu | rouge | perplexity
@@ -24,16 +32,27 @@ Schema (every level rejects unknown keys, so a typo fails naming the field)::
       # rouge: rouge_types: [rouge1, rouge2, rougeL, rougeLsum], use_stemmer: true
     batch_size: 8
     limit: null                  # first N items (per subject for mmlu), null = all
+
+The ``mmlu`` prompt fields use lm-eval's names and its Jinja2 syntax (``StrictUndefined``, trailing
+newlines kept), so a ``doc_to_text`` can be copied from an lm-eval task YAML. ``doc_to_text`` sees a
+cais/mmlu record, ``question``, ``choices`` (list), ``answer`` (index), ``subject`` (e.g.
+``abstract_algebra``), plus ``labels`` (= ``choice_labels``); ``description`` sees ``subject`` and
+``labels`` (``mmlu.description`` is the prompt's header, lm-eval's ``description``; the top-level
+``description`` is free text for reports). The context of a question is ``description`` + each shot's ``doc_to_text +
+target_delimiter + answer + fewshot_delimiter`` + the question's ``doc_to_text``; each choice is
+scored as ``target_delimiter + (label or text)``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from align.yamlio import load_yaml_text
 
@@ -75,7 +94,84 @@ class PromptSpec(_Strict):
         return self
 
 
-class MMLUSpec(_Strict):
+def _regex_replace(value: str, pattern: str, repl: str, count: int = 0) -> str:
+    """lm-eval's ``regex_replace`` Jinja filter."""
+    return re.sub(pattern, repl, value, count=count)
+
+
+@functools.cache
+def _jinja_env() -> Any:
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # as lm-eval's `utils.apply_template` environment (sandboxed: task files may come from anywhere)
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    env.filters["regex_replace"] = _regex_replace
+    return env
+
+
+@functools.lru_cache(maxsize=256)
+def compile_template(source: str) -> Any:
+    """A Jinja2 template of a task file, compiled once."""
+    return _jinja_env().from_string(source)
+
+
+def render_template(source: str, **variables: Any) -> str:
+    return compile_template(source).render(**variables)
+
+
+def _check_template(source: str, allowed: set[str]) -> str:
+    from jinja2 import TemplateSyntaxError, meta
+
+    env = _jinja_env()
+    try:
+        names = meta.find_undeclared_variables(env.parse(source))
+    except TemplateSyntaxError as e:
+        raise ValueError(f"not a valid Jinja2 template: {e}") from e
+    unknown = sorted(names - allowed - set(env.globals))
+    if unknown:
+        raise ValueError(f"template uses unknown variable(s) {unknown}; available: {sorted(allowed)}")
+    return source
+
+
+MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about {{subject.replace('_', ' ')}}.\n\n"
+MMLU_DOC_TO_TEXT = (
+    "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+)
+DOC_VARIABLES = {"question", "choices", "answer", "subject", "labels"}
+DESCRIPTION_VARIABLES = {"subject", "labels"}
+
+
+class MultipleChoicePrompt(_Strict):
+    """Prompt format of a multiple-choice task (lm-eval's field names; defaults: lm-eval's ``mmlu``)."""
+
+    description: str = MMLU_DESCRIPTION
+    doc_to_text: str = MMLU_DOC_TO_TEXT
+    choices: Literal["letters", "texts"] = "letters"
+    choice_labels: list[str] = Field(default_factory=lambda: ["A", "B", "C", "D"], min_length=1)
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    normalize: Literal["none", "chars", "bytes", "tokens"] = "none"
+
+    @field_validator("description")
+    @classmethod
+    def _check_description(cls, v: str) -> str:
+        return _check_template(v, DESCRIPTION_VARIABLES)
+
+    @field_validator("doc_to_text")
+    @classmethod
+    def _check_doc_to_text(cls, v: str) -> str:
+        return _check_template(v, DOC_VARIABLES)
+
+    @field_validator("choice_labels")
+    @classmethod
+    def _check_labels(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"choice_labels must be distinct, got {v}")
+        return v
+
+
+class MMLUSpec(MultipleChoicePrompt):
     num_fewshot: int = Field(5, ge=0)
 
 
@@ -243,9 +339,12 @@ __all__ = [
     "DataSpec",
     "GenerationSpec",
     "MMLUSpec",
+    "MultipleChoicePrompt",
     "PromptSpec",
     "TaskSpec",
     "TaskSpecError",
+    "compile_template",
     "load_generation_items",
     "load_task",
+    "render_template",
 ]

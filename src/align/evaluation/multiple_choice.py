@@ -1,0 +1,384 @@
+"""Generic multiple-choice log-likelihood scoring with a shared-prefix KV cache.
+
+Input: requests, each a ``context`` and a list of ``continuations`` (strings). Output, per request:
+the summed log-likelihood of each continuation given the context, its token count and its UTF-8
+byte length (so a caller can length-normalise), and the first argmax. Nothing here knows a
+benchmark; a task (``mmlu.py``) builds the strings and aggregates.
+
+Scoring is lm-eval's ``loglikelihood`` (``HFLM._encode_pair`` + one causal forward):
+
+* trailing whitespace of the context moves to the continuation; ``context_enc = enc(context)``,
+  ``continuation_enc = enc(context + continuation)[len(context_enc):]``, where ``enc`` uses the
+  tokenizer's default special tokens unless the text already starts with the BOS string
+  (``HFLM.tok_encode`` with ``add_bos_token=None``);
+* the log-likelihood is the sum of ``log_softmax`` (float32) over the continuation tokens.
+
+Speed: requests carry a ``group`` key; within a group the longest common prefix of the *token ids*
+of all contexts (not of the strings: BPE merges across a boundary differ) is run once and its KV
+cache reused by every row of the group, so only each context's suffix and the continuation are
+run. When all continuations of a request are single tokens (``" A"`` .. ``" D"``), one row
+scores them all from the last position's logits; otherwise each continuation gets its own row.
+Rows are batched longest-first with bounded padding. The group only decides what is cached: the
+scores do not depend on it beyond float rounding (a request in the "wrong" group is just slower).
+
+Processes: work is sharded by whole batches (``align.distributed.mine``, batch ``b`` of the run
+to rank ``b mod world``), each batch computed exactly as one process computes it, and the
+results gathered once at the end, so every rank returns the one-process result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from align import distributed
+
+# --------------------------------------------------------------------------- requests / results
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """Score each of ``continuations`` after ``context``; requests with the same ``group`` share
+    one prefix KV cache (give every request that starts with the same few-shot block one key)."""
+
+    context: str
+    continuations: tuple[str, ...]
+    group: Hashable = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "continuations", tuple(self.continuations))
+        if not self.continuations:
+            raise ValueError("a ChoiceRequest needs at least one continuation")
+
+
+@dataclass(frozen=True)
+class ChoiceScores:
+    """Per continuation: summed log-likelihood, number of scored tokens, UTF-8 bytes of the string."""
+
+    loglikelihoods: tuple[float, ...]
+    num_tokens: tuple[int, ...]
+    num_bytes: tuple[int, ...]
+
+    @property
+    def prediction(self) -> int:
+        """Index of the highest summed log-likelihood (first on ties, like ``np.argmax``)."""
+        return argmax(self.loglikelihoods)
+
+
+def argmax(values: Sequence[float]) -> int:
+    """First index of the maximum (ties: the lowest index, like ``np.argmax``)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def length_normalized(loglikelihoods: Sequence[float], lengths: Sequence[float]) -> list[float]:
+    """``ll / length`` per choice (lm-eval's ``acc_norm`` / ``acc_bytes`` when ``lengths`` are the
+    characters / UTF-8 bytes of the choice strings); a zero length gives ``-inf`` (never chosen
+    unless every choice has it)."""
+    return [ll / n if n else -math.inf for ll, n in zip(loglikelihoods, lengths, strict=True)]
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def _bos_string(tokenizer: Any) -> str | None:
+    """lm-eval's ``prefix_token_id`` decoded (BOS, else EOS)."""
+    tok_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return tokenizer.decode([tok_id]) if tok_id is not None else None
+
+
+def _encode_many(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool | None) -> list[list[int]]:
+    """Batch version of lm-eval ``HFLM.tok_encode`` (``add_special_tokens`` = its ``add_bos_token``)."""
+    bos = _bos_string(tokenizer) if add_special_tokens is None else None
+    groups: dict[bool | None, list[int]] = {}
+    for i, t in enumerate(texts):
+        flag = add_special_tokens
+        if flag is None and bos and t.startswith(bos):
+            flag = False
+        groups.setdefault(flag, []).append(i)
+    out: list[list[int]] = [[] for _ in texts]
+    for flag, idx in groups.items():
+        kwargs = {} if flag is None else {"add_special_tokens": flag}
+        enc = tokenizer([texts[i] for i in idx], **kwargs)["input_ids"]
+        for i, ids in zip(idx, enc, strict=True):
+            out[i] = list(ids)
+    return out
+
+
+def encode_pairs(
+    tokenizer: Any,
+    contexts: Sequence[str],
+    continuation_sets: Sequence[Sequence[str]],
+    add_special_tokens: bool | None = None,
+) -> list[tuple[list[int], list[list[int]]]]:
+    """lm-eval ``_encode_pair`` for each context and each of its continuations."""
+    ctx_texts, whole_texts = [], []
+    for ctx, conts in zip(contexts, continuation_sets, strict=True):
+        n_spaces = len(ctx) - len(ctx.rstrip())
+        moved = ctx[len(ctx) - n_spaces :] if n_spaces else ""
+        base = ctx[: len(ctx) - n_spaces] if n_spaces else ctx
+        ctx_texts.append(base)
+        whole_texts.extend(base + moved + c for c in conts)
+    ctx_ids = _encode_many(tokenizer, ctx_texts, add_special_tokens)
+    whole_ids = _encode_many(tokenizer, whole_texts, add_special_tokens)
+    out, k = [], 0
+    for ids, conts in zip(ctx_ids, continuation_sets, strict=True):
+        cont_ids = [whole_ids[k + j][len(ids) :] for j in range(len(conts))]
+        k += len(conts)
+        if not ids or any(not c for c in cont_ids):
+            raise ValueError("empty context or continuation after tokenization")
+        out.append((ids, cont_ids))
+    return out
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Row:
+    """One forward row: ``ids`` after the cached prefix; each target ``(request, choice, cont)``
+    is scored on the last ``len(cont)`` positions of the row."""
+
+    ids: list[int]
+    targets: list[tuple[int, int, list[int]]]
+
+
+def _plan_rows(
+    encoded: Sequence[tuple[list[int], list[list[int]]]],
+) -> tuple[list[int], list[_Row], int]:
+    """Pick the shared prefix (longest common token prefix) and build the suffix rows; also
+    returns how many requests took the one-row-for-all-choices path."""
+    ctxs = [ctx for ctx, _ in encoded]
+    common = min(len(c) for c in ctxs) - 1  # keep >= 1 suffix token per row
+    first = ctxs[0]
+    for ctx in ctxs[1:]:
+        n = 0
+        limit = min(common, len(ctx))
+        while n < limit and ctx[n] == first[n]:
+            n += 1
+        common = n
+    prefix = first[:common]
+    rows, n_fast = [], 0
+    for qi, (ctx, conts) in enumerate(encoded):
+        if all(len(c) == 1 for c in conts):
+            rows.append(_Row(ctx[common:], [(qi, ci, c) for ci, c in enumerate(conts)]))
+            n_fast += 1
+        else:  # multi-token continuation: one row per choice, scored like lm-eval
+            for ci, c in enumerate(conts):
+                rows.append(_Row((ctx + c)[common:-1], [(qi, ci, c)]))
+    return prefix, rows, n_fast
+
+
+def _length_batches(rows: Sequence[_Row], batch_size: int, max_padding: float) -> list[list[_Row]]:
+    """Longest-first batches of at most ``batch_size`` rows; a batch is also closed when adding
+    the next row would make padding exceed ``max_padding`` of its real tokens (suffix lengths
+    vary a lot within a group, and padded tokens cost as much as real ones)."""
+    batches: list[list[_Row]] = []
+    cur: list[_Row] = []
+    real = 0
+    for row in sorted(rows, key=lambda r: -len(r.ids)):
+        n = len(row.ids)
+        if cur and (len(cur) == batch_size or len(cur[0].ids) * (len(cur) + 1) > (real + n) * (1 + max_padding)):
+            batches.append(cur)
+            cur, real = [], 0
+        cur.append(row)
+        real += n
+    return batches + ([cur] if cur else [])
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@contextmanager
+def _native_gqa_sdpa(device: torch.device) -> Iterator[None]:
+    """On CPU, let transformers pass grouped KV heads straight to SDPA (``enable_gqa``) instead
+    of materialising repeated K/V for the whole cached prefix (~15-20% faster here). transformers
+    only does this without a mask by default because CUDA kernels fall back to the math path;
+    on CPU the masked GQA path is fine. Scoped: the variable is restored afterwards."""
+    key = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if device.type != "cpu" or key in os.environ:
+        yield
+        return
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _PrefixScorer:
+    """Runs suffix rows against a prefix KV cache computed once; the cache tensors are never
+    mutated (each batch gets a fresh ``DynamicCache`` built from expanded views)."""
+
+    def __init__(self, model: Any, prefix: list[int], device: torch.device, pad_id: int) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.device, self.pad_id = model, device, pad_id
+        self._cache_cls = DynamicCache
+        self.prefix_len = len(prefix)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.use_logits_to_keep = True
+        if prefix:
+            ids = torch.tensor([prefix], device=device)
+            kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
+            try:  # logits of the prefix are not needed: skip the LM head where supported
+                out = model(**kwargs, logits_to_keep=1)
+            except TypeError:
+                out = model(**kwargs)
+            self.kv = [(k, v) for k, v, *_ in out.past_key_values]
+
+    def _cache(self, batch: int) -> Any:
+        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv]
+        return self._cache_cls(ddp_cache_data=data, config=self.model.config)
+
+    def logprobs(self, rows: Sequence[_Row]) -> torch.Tensor:
+        """Log-softmax (float32) over the last ``keep`` positions, rows left-padded: [B, keep, V]."""
+        width = max(len(r.ids) for r in rows)
+        keep = max(len(c) for r in rows for _, _, c in r.targets)
+        b, p = len(rows), self.prefix_len
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        pos = torch.full((b, width), p, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.ids)
+            ids[i, width - n :] = torch.tensor(r.ids)
+            mask[i, p + width - n :] = 1
+            pos[i, width - n :] = torch.arange(p, p + n)
+        kwargs: dict[str, Any] = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": pos.to(self.device),
+            "use_cache": True,
+        }
+        if self.kv:
+            kwargs["past_key_values"] = self._cache(b)
+        if self.use_logits_to_keep:
+            try:
+                logits = self.model(**kwargs, logits_to_keep=keep).logits
+            except TypeError:  # model without `logits_to_keep`: compute all, slice below
+                self.use_logits_to_keep = False
+                if self.kv:
+                    kwargs["past_key_values"] = self._cache(b)
+                logits = self.model(**kwargs).logits
+        else:
+            logits = self.model(**kwargs).logits
+        return torch.log_softmax(logits[:, -keep:].float(), dim=-1)
+
+    def score(self, batch: Sequence[_Row]) -> dict[tuple[int, int], float]:
+        """``{(request, choice): summed log-likelihood}`` for every target of the batch."""
+        logp = self.logprobs(batch)
+        keep = logp.shape[1]
+        # one gather (and one device->host copy) for every target token of the batch
+        idx = [
+            (b, keep - len(cont) + j, tok)
+            for b, row in enumerate(batch)
+            for _, _, cont in row.targets
+            for j, tok in enumerate(cont)
+        ]
+        rows_i, pos_i, tok_i = torch.tensor(idx, device=logp.device).unbind(1)
+        values = logp[rows_i, pos_i, tok_i].tolist()
+        out, k = {}, 0
+        for row in batch:
+            for qi, ci, cont in row.targets:
+                out[(qi, ci)] = sum(values[k : k + len(cont)])
+                k += len(cont)
+        return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def score_choices(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[ChoiceRequest],
+    *,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    add_special_tokens: bool | None = None,
+    max_padding: float = 0.15,
+    progress: bool = True,
+    desc: str = "loglikelihood",
+) -> list[ChoiceScores]:
+    """Log-likelihood of every continuation of every request, in request order.
+
+    Works with any HF causal LM whose forward accepts ``past_key_values``/``position_ids``
+    (plain or peft-wrapped). ``add_special_tokens`` mirrors lm-eval's ``add_bos_token`` model
+    arg (``None``: the tokenizer's default). ``max_padding`` bounds padded/real tokens per batch.
+    Contexts are not left-truncated: context + continuation must fit the model's window.
+    Under N processes every rank must pass the same requests; all ranks return all scores.
+    """
+    if not requests:
+        return []
+    device = torch.device(device) if device is not None else _model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    members: dict[Hashable, list[int]] = {}
+    for i, r in enumerate(requests):
+        members.setdefault(r.group, []).append(i)
+    plans = []  # (global request indices, prefix ids, batches), groups in first-appearance order
+    token_counts: list[tuple[int, ...]] = [()] * len(requests)
+    for idx in members.values():
+        encoded = encode_pairs(
+            tokenizer,
+            [requests[i].context for i in idx],
+            [requests[i].continuations for i in idx],
+            add_special_tokens,
+        )
+        for i, (_, conts) in zip(idx, encoded, strict=True):
+            token_counts[i] = tuple(len(c) for c in conts)
+        prefix, rows, _ = _plan_rows(encoded)
+        plans.append((idx, prefix, _length_batches(rows, batch_size, max_padding)))
+
+    was_training = getattr(model, "training", False)
+    model.eval()
+    mine: dict[tuple[int, int], float] = {}
+    bar = tqdm(total=sum(len(b) for _, _, batches in plans for b in batches), desc=desc, disable=not progress)
+    batch_no = 0  # counts batches over all groups: batch b goes to rank b mod world
+    try:
+        with torch.inference_mode(), _native_gqa_sdpa(device):
+            for idx, prefix, batches in plans:
+                owned = [b for bi, b in enumerate(batches, start=batch_no) if distributed.mine(bi)]
+                batch_no += len(batches)
+                bar.update(sum(len(b) for b in batches) - sum(len(b) for b in owned))
+                if not owned:
+                    continue  # other ranks score this group: skip its prefix forward too
+                scorer = _PrefixScorer(model, prefix, device, pad_id)
+                for batch in owned:
+                    for (qi, ci), v in scorer.score(batch).items():
+                        mine[(idx[qi], ci)] = v
+                    bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    ll = distributed.merge_gathered(mine)
+    return [
+        ChoiceScores(
+            tuple(ll[(i, c)] for c in range(len(r.continuations))),
+            token_counts[i],
+            tuple(len(c.encode("utf-8")) for c in r.continuations),
+        )
+        for i, r in enumerate(requests)
+    ]
+
+
+__all__ = [
+    "ChoiceRequest",
+    "ChoiceScores",
+    "argmax",
+    "encode_pairs",
+    "length_normalized",
+    "score_choices",
+]

@@ -1,0 +1,183 @@
+"""The generic multiple-choice engine alone: cached-prefix scores equal a plain full forward.
+
+Runs on the tiny llama / GPT-2 of conftest.py (byte-level BPE trained on a small corpus, so
+continuations split into different numbers of tokens). The reference is lm-eval's scoring written
+out: ``enc(context)``, ``enc(context + continuation)[len(context_enc):]``, one forward over the
+concatenation without any cache, summed ``log_softmax`` over the continuation tokens.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from align import distributed
+from align.evaluation.multiple_choice import (
+    ChoiceRequest,
+    _plan_rows,
+    argmax,
+    encode_pairs,
+    length_normalized,
+    score_choices,
+)
+
+SHOTS = "Add the two numbers.\nThe sum of 12 and 7 is 19.\n\nConvert 3 meters to centimeters.\n3 meters is 300.\n\n"
+QUESTIONS = [
+    "Spell the word apple letter by letter:",
+    "The sum of 2 and 5 is",
+    "Convert 7 meters to centimeters. Answer:",
+    "Q",
+]
+CONTINUATIONS = [" A", " 7", " 700 centimeters.", " A-P-P-L-E", " user assistant system", "\n### Response:"]
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
+def lm(request):
+    """Both architectures, for the equality with a full forward."""
+    return _load(request.getfixturevalue(request.param))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    return _load(tiny_llama)
+
+
+def full_forward(model, tok, context: str, continuation: str) -> tuple[float, int]:
+    ctx = tok(context)["input_ids"]
+    cont = tok(context + continuation)["input_ids"][len(ctx) :]
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx + cont])).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)), len(cont)
+
+
+def requests(conts=CONTINUATIONS) -> list[ChoiceRequest]:
+    return [ChoiceRequest(SHOTS + q, conts, group="shots") for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def reference(lm) -> list[list[tuple[float, int]]]:
+    model, tok = lm
+    return [[full_forward(model, tok, r.context, c) for c in r.continuations] for r in requests()]
+
+
+@pytest.mark.parametrize(("batch_size", "max_padding"), [(1, 0.15), (3, 0.15), (32, 10.0)])
+def test_cached_prefix_equals_full_forward(lm, reference, batch_size: int, max_padding: float) -> None:
+    """Every row length, alone or left-padded in a batch (32 rows, padding unbounded: one batch)."""
+    model, tok = lm
+    reqs = requests()
+    lengths = {
+        len(tok(SHOTS + q + c)["input_ids"]) - len(tok(SHOTS + q)["input_ids"])
+        for q in QUESTIONS
+        for c in CONTINUATIONS
+    }
+    assert len(lengths) >= 4 and 1 in lengths  # single- and multi-token continuations of several lengths
+    prefix, _, _ = _plan_rows(encode_pairs(tok, [r.context for r in reqs], [r.continuations for r in reqs]))
+    assert len(prefix) > 10  # the few-shot block really is served from the cache
+    got = score_choices(model, tok, reqs, batch_size=batch_size, max_padding=max_padding, progress=False)
+    assert len(got) == len(reqs)
+    for r, s, ref in zip(reqs, got, reference, strict=True):
+        assert s.loglikelihoods == pytest.approx([ll for ll, _ in ref], abs=1e-4)
+        assert s.num_tokens == tuple(n for _, n in ref)
+        assert s.num_bytes == tuple(len(c.encode("utf-8")) for c in r.continuations)
+        assert s.prediction == argmax([ll for ll, _ in ref])
+
+
+def test_single_token_fast_path_equals_full_forward(lm) -> None:
+    """All continuations one token (letters): one row per request, scored from its last position."""
+    model, tok = lm
+    letters = [
+        c
+        for c in (" A", " B", " C", " D", "A", "B")
+        if len(tok("x" + c)["input_ids"]) - len(tok("x")["input_ids"]) == 1
+    ]
+    assert len(letters) >= 2
+    reqs = requests(letters)
+    got = score_choices(model, tok, reqs, batch_size=2, progress=False)
+    for r, s in zip(reqs, got, strict=True):
+        ref = [full_forward(model, tok, r.context, c)[0] for c in r.continuations]
+        assert s.loglikelihoods == pytest.approx(ref, abs=1e-4)
+        assert set(s.num_tokens) == {1}
+
+
+def test_groups_batches_and_order_do_not_change_scores(llama) -> None:
+    model, tok = llama
+    reqs = requests() + [ChoiceRequest("Another context entirely.", (" A", " 19 is the sum"), group="other")]
+    base = score_choices(model, tok, reqs, batch_size=4, progress=False)
+    one_group = score_choices(model, tok, [ChoiceRequest(r.context, r.continuations) for r in reqs], progress=False)
+    own_groups = score_choices(
+        model,
+        tok,
+        [ChoiceRequest(r.context, r.continuations, group=i) for i, r in enumerate(reqs)],
+        batch_size=1,
+        progress=False,
+    )
+    reversed_ = score_choices(model, tok, reqs[::-1], batch_size=2, progress=False)[::-1]
+    for a, *others in zip(base, one_group, own_groups, reversed_, strict=True):
+        for b in others:
+            assert b.loglikelihoods == pytest.approx(a.loglikelihoods, abs=1e-5)
+            assert b.num_tokens == a.num_tokens
+
+
+def test_trailing_context_whitespace_moves_to_the_continuation(llama) -> None:
+    """lm-eval's _encode_pair: ("Answer: ", "A") is scored as ("Answer:", " A")."""
+    model, tok = llama
+    a, b = score_choices(
+        model,
+        tok,
+        [ChoiceRequest(SHOTS + "Answer: ", ("A", "700")), ChoiceRequest(SHOTS + "Answer:", (" A", " 700"))],
+        progress=False,
+    )
+    assert a.loglikelihoods == pytest.approx(b.loglikelihoods, abs=1e-5) and a.num_tokens == b.num_tokens
+
+
+def test_sharded_batches_cover_everything_once(llama, monkeypatch) -> None:
+    """Two simulated ranks: each scores whole batches (batch b on rank b mod 2, counted over all
+    groups), the parts are disjoint, and together they are the one-process result."""
+    model, tok = llama
+    reqs = requests() + [ChoiceRequest("Another context.", (" A", " 19 is the sum"), group="other")]
+    single = score_choices(model, tok, reqs, batch_size=2, progress=False)
+    parts = []
+
+    def fake_merge(part):
+        parts.append(dict(part))
+        return defaultdict(float, part)
+
+    monkeypatch.setattr(distributed, "merge_gathered", fake_merge)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        score_choices(model, tok, reqs, batch_size=2, progress=False)
+    assert all(parts) and not set(parts[0]) & set(parts[1])
+    merged = {**parts[0], **parts[1]}
+    want = {(i, c): v for i, s in enumerate(single) for c, v in enumerate(s.loglikelihoods)}
+    assert merged.keys() == want.keys()
+    for k, v in want.items():
+        assert merged[k] == pytest.approx(v, rel=1e-9, abs=1e-9)
+
+
+def test_model_mode_restored_and_edge_cases(llama) -> None:
+    model, tok = llama
+    model.train()
+    try:
+        score_choices(model, tok, requests()[:1], progress=False)
+        assert model.training
+    finally:
+        model.eval()
+    assert score_choices(model, tok, [], progress=False) == []
+    with pytest.raises(ValueError, match="at least one continuation"):
+        ChoiceRequest("ctx", ())
+
+
+def test_argmax_and_length_normalisation() -> None:
+    assert argmax([-2.0, -1.0, -1.0]) == 1  # first maximum, like np.argmax
+    assert length_normalized([-4.0, -3.0], [4, 1]) == [-1.0, -3.0]
+    assert argmax(length_normalized([-4.0, -3.0], [4, 1])) == 0
+    assert length_normalized([-1.0], [0]) == [float("-inf")]
