@@ -6,8 +6,8 @@ examples (the first ``--examples`` rows of an Alpaca file, converted once by ``a
 conversational prompt/completion pairs), the same ``per_device_train_batch_size`` and ``max_length``,
 for one epoch over those examples, in this one process with the same torch threads.
 
-* **align** uses align's own code path: a ``Recipe``/``SFTStage`` is built and its trainer arguments come
-  from ``align.stages.sft.resolved_train_args`` (``SFT_DEFAULTS`` + the stage's ``train:``), the model from
+* **align** uses align's own code path: a ``Recipe``/``SFTSpec`` is built and its trainer arguments come
+  from ``align.stages.sft.SFT().train_args`` (the stage type's defaults + the stage's ``train:``), the model from
   ``align.models.load_causal_lm``. With packing (bfd, padding-free) a step holds ``batch_size`` packed
   rows of ``max_length`` tokens, so it takes fewer steps for the same examples.
 * **baseline** is ``SFTConfig`` with its defaults, except what must be set to run here and to match:
@@ -284,12 +284,12 @@ def n_params_forward(model: Any) -> int:
 
 
 def align_trainer(model_path: Path, train_ds: Any, opts: argparse.Namespace, work: Path) -> Any:
-    """What `align run` builds for an SFT stage: resolved_train_args + load_causal_lm + peft_config."""
+    """What `align run` builds for an SFT stage: SFT().train_args + load_causal_lm + peft_config."""
     from types import SimpleNamespace
 
     from align.models import load_causal_lm, load_tokenizer, peft_config
     from align.recipe import Recipe
-    from align.stages.sft import resolved_train_args
+    from align.stages.sft import SFT
     from align.trl_compat import SFTConfig, SFTTrainer
 
     train = {
@@ -308,7 +308,7 @@ def align_trainer(model_path: Path, train_ds: Any, opts: argparse.Namespace, wor
         }
     )
     stage = recipe.stages[0]
-    args = resolved_train_args(SimpleNamespace(recipe=recipe), SimpleNamespace(stage=stage), work)
+    args = SFT().train_args(SimpleNamespace(recipe=recipe), SimpleNamespace(stage=stage), work)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, dtype=recipe.model.dtype)
     if model.generation_config is not None and tokenizer.pad_token_id is not None:

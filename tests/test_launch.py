@@ -65,15 +65,15 @@ def test_plan_rejects_a_deepspeed_batch_that_disagrees(tmp_path, tiny_llama):
 
 
 def test_ppo_and_grpo_under_configs_they_do_not_support():
-    info = read_launch("deepspeed_zero2", 2)
-    found, _ = check_launch(info, stage_type="ppo", adapter_type="lora", micro_batch=4, grad_accum=1, where="s")
+    from align.stages.registry import stage_type
+
+    found = stage_type("ppo").launch_problems(read_launch("deepspeed_zero2", 2), "s")
     assert found and "DDP only" in found[0][1] and "multi_gpu" in found[0][1]
-    ok, _ = check_launch(
-        read_launch("multi_gpu", 2), stage_type="ppo", adapter_type="lora", micro_batch=4, grad_accum=1, where="s"
-    )
-    assert ok == []
+    assert found[0][0] == "s.launch.accelerate_config"
+    assert stage_type("ppo").launch_problems(read_launch("multi_gpu", 2), "s") == []
     fsdp = read_launch("fsdp", 2)
-    found, _ = check_launch(fsdp, stage_type="grpo", adapter_type="lora", micro_batch=4, grad_accum=1, where="s")
+    found = stage_type("grpo").launch_problems(fsdp, "s")
+    found += check_launch(fsdp, adapter_type="lora", micro_batch=4, grad_accum=1, where="s")[0]
     assert any("FSDP" in m for _, m in found)
 
 

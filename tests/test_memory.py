@@ -8,6 +8,9 @@ import pytest
 from conftest import align, write_recipe
 
 from align.memory import GiB, StageMemoryInput, estimate, fixes, model_shape, parse_size, trainable
+from align.stages.registry import BY_NAME
+
+W = {name: s.memory for name, s in BY_NAME.items()}  # each stage type's workload
 
 LLAMA8B = {  # Llama-3-8B's shape
     "model_type": "llama",
@@ -58,7 +61,7 @@ def test_parameter_counts_equal_real_models_and_peft():
                 model_cls(conf(**cfg)), LoraConfig(r=4, target_modules="all-linear", use_dora=kind == "dora")
             )
             want = sum(p.numel() for p in peft.parameters() if p.requires_grad)
-            assert trainable(model_shape(cfg), StageMemoryInput("sft", adapter=kind, lora_r=4)) == want
+            assert trainable(model_shape(cfg), StageMemoryInput(W["sft"], adapter=kind, lora_r=4)) == want
 
 
 def test_components_by_hand():
@@ -67,7 +70,7 @@ def test_components_by_hand():
     # per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 + gate/up 8*16*2 + down 16*8 = 576; norms 16; x2 layers
     # embeddings 800, final norm 8 -> 1184 + 800 + 8 = 1992
     assert shape.n_params == 1992
-    inp = StageMemoryInput("sft", adapter="lora", lora_r=2, dtype="bfloat16", seq_len=10, micro_batch=3)
+    inp = StageMemoryInput(W["sft"], adapter="lora", lora_r=2, dtype="bfloat16", seq_len=10, micro_batch=3)
     e = estimate(shape, inp)
     t = 2 * 2 * ((8 + 8) + (8 + 4) + (8 + 4) + (8 + 8) + (8 + 16) * 2 + (16 + 8))  # r(in+out) per module, 2 layers
     assert t == 512
@@ -77,15 +80,15 @@ def test_components_by_hand():
     assert e["logits"] == 10 * 3 * 100 * 4 * 2
     rest = sum(v for k, v in e.items() if k not in ("overhead", "total"))
     assert e["overhead"] == GiB + int(0.05 * rest) and e["total"] == rest + e["overhead"]
-    full = estimate(shape, StageMemoryInput("sft", adapter="full", dtype="bfloat16", seq_len=10, micro_batch=3))
+    full = estimate(shape, StageMemoryInput(W["sft"], adapter="full", dtype="bfloat16", seq_len=10, micro_batch=3))
     assert full["adapter"] == 0 and full["gradients"] == 1992 * 2 and full["optimizer"] == 1992 * 12
-    fp32 = estimate(shape, StageMemoryInput("sft", adapter="full", dtype="float32", seq_len=10, micro_batch=3))
+    fp32 = estimate(shape, StageMemoryInput(W["sft"], adapter="full", dtype="float32", seq_len=10, micro_batch=3))
     assert fp32["weights"] == 1992 * 4 and fp32["optimizer"] == 1992 * 8 and fp32["activations"] == 2 * 240 * 68
 
 
 def test_sharding_checkpointing_and_extra_models():
     shape = model_shape(LLAMA8B)
-    base = StageMemoryInput("sft", adapter="full", seq_len=2048, micro_batch=1, n_gpus=8)
+    base = StageMemoryInput(W["sft"], adapter="full", seq_len=2048, micro_batch=1, n_gpus=8)
     none, z2, z3 = (
         estimate(shape, StageMemoryInput(**{**base.__dict__, "sharding": s})) for s in ("none", "zero2", "zero3")
     )
@@ -96,19 +99,21 @@ def test_sharding_checkpointing_and_extra_models():
     assert off["weights"] == 0 and off["optimizer"] == 0
     ck = estimate(shape, StageMemoryInput(**{**base.__dict__, "activation_checkpointing": True}))
     assert ck["activations"] < none["activations"] / 10
-    lora = StageMemoryInput("dpo", adapter="lora", seq_len=1024, micro_batch=2)
-    dpo, sft = estimate(shape, lora), estimate(shape, StageMemoryInput(**{**lora.__dict__, "stage_type": "sft"}))
+    lora = StageMemoryInput(W["dpo"], adapter="lora", seq_len=1024, micro_batch=2)
+    dpo, sft = estimate(shape, lora), estimate(shape, StageMemoryInput(**{**lora.__dict__, "workload": W["sft"]}))
     assert dpo["activations"] == 2 * sft["activations"] and dpo["extra_models"] == 0  # no reference copy
-    dpo_full = estimate(shape, StageMemoryInput("dpo", adapter="full", seq_len=1024, micro_batch=2))
+    dpo_full = estimate(shape, StageMemoryInput(W["dpo"], adapter="full", seq_len=1024, micro_batch=2))
     assert dpo_full["extra_models"] == shape.n_params * 2
-    ppo = estimate(shape, StageMemoryInput("ppo", adapter="lora", seq_len=512, gen_tokens=256, micro_batch=8))
+    ppo = estimate(shape, StageMemoryInput(W["ppo"], adapter="lora", seq_len=512, gen_tokens=256, micro_batch=8))
     kv = 2 * 32 * 8 * 128 * 2 * (512 + 256) * 8
     assert ppo["extra_models"] == shape.n_params * (2 + 2 + 12 + 2) + kv
 
 
 def test_fixes_in_order():
     shape = model_shape(LLAMA8B)
-    inp = StageMemoryInput("sft", adapter="full", seq_len=2048, micro_batch=8, grad_accum=4, n_gpus=8, sharding="zero2")
+    inp = StageMemoryInput(
+        W["sft"], adapter="full", seq_len=2048, micro_batch=8, grad_accum=4, n_gpus=8, sharding="zero2"
+    )
     assert estimate(shape, inp)["total"] > 80 * 10**9
     found = fixes(shape, inp, 80 * 10**9)
     # activations dominate: neither more GPUs nor ZeRO-3 alone fits; checkpointing does, then a smaller micro batch
@@ -178,7 +183,7 @@ def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path):
     want = estimate(
         model_shape(LLAMA8B),
         StageMemoryInput(
-            "sft",
+            W["sft"],
             adapter="full",
             seq_len=2048,
             micro_batch=8,
@@ -194,20 +199,20 @@ def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path):
 
 def test_reward_on_policy_and_module_lists():
     shape = model_shape(LLAMA8B)
-    rm = estimate(shape, StageMemoryInput("reward", adapter="lora", seq_len=1024, micro_batch=2))
-    sft = estimate(shape, StageMemoryInput("sft", adapter="lora", seq_len=1024, micro_batch=2))
+    rm = estimate(shape, StageMemoryInput(W["reward"], adapter="lora", seq_len=1024, micro_batch=2))
+    sft = estimate(shape, StageMemoryInput(W["sft"], adapter="lora", seq_len=1024, micro_batch=2))
     assert rm["activations"] == 2 * sft["activations"]  # chosen and rejected in one batch
     assert rm["logits"] == 1024 * 4 * 1 * 4 * 2  # one score per sequence, not the vocabulary
-    short = estimate(shape, StageMemoryInput("grpo", adapter="lora", seq_len=256, gen_tokens=0, micro_batch=2))
-    long = estimate(shape, StageMemoryInput("grpo", adapter="lora", seq_len=256, gen_tokens=256, micro_batch=2))
+    short = estimate(shape, StageMemoryInput(W["grpo"], adapter="lora", seq_len=256, gen_tokens=0, micro_batch=2))
+    long = estimate(shape, StageMemoryInput(W["grpo"], adapter="lora", seq_len=256, gen_tokens=256, micro_batch=2))
     assert long["activations"] == 2 * short["activations"]  # completions are trained on too
-    q = trainable(shape, StageMemoryInput("sft", lora_r=8, target_modules=("q_proj",)))
+    q = trainable(shape, StageMemoryInput(W["sft"], lora_r=8, target_modules=("q_proj",)))
     assert q == 8 * (4096 + 4096) * 32
-    assert trainable(shape, StageMemoryInput("sft", lora_r=8, target_modules=("proj",))) == 0  # peft: no match
+    assert trainable(shape, StageMemoryInput(W["sft"], lora_r=8, target_modules=("proj",))) == 0  # peft: no match
 
 
 def test_one_gpu_full_fine_tune_is_offered_offload():
     shape = model_shape(LLAMA8B)
-    inp = StageMemoryInput("sft", adapter="full", seq_len=2048, micro_batch=1, n_gpus=1)
+    inp = StageMemoryInput(W["sft"], adapter="full", seq_len=2048, micro_batch=1, n_gpus=1)
     found = fixes(shape, inp, 80 * 10**9)
     assert any("offload" in f for f in found), found

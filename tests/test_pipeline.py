@@ -371,3 +371,38 @@ def test_a_moved_run_stays_done_and_loads(tmp_path, tiny_llama):
     for f in (new / "runs" / "tiny").rglob("*"):
         if f.is_file() and f.suffix in {".json", ".yaml", ".jsonl", ".md"}:
             assert str(old) not in f.read_text(), f"{f} records the old folder"
+
+
+def test_the_recipe_is_validated_once_per_run(tmp_path, tiny_llama, monkeypatch, capsys):
+    """`align run` validates the recipe once; each stage process reads the orchestrator's plan file instead."""
+    import align.pipeline as pipeline
+    from align.cli import main
+
+    calls = []
+    real = pipeline.load_recipe
+    monkeypatch.setattr(pipeline, "load_recipe", lambda *a, **k: calls.append(a) or real(*a, **k))
+    path = write_recipe(tmp_path, sft_recipe(tmp_path, tiny_llama))
+    assert main(["run", str(path)]) == 0
+    assert len(calls) == 1, calls  # not once per stage process, re-plan and summary (2N+2 before)
+    out = capsys.readouterr().out
+    assert "sft" in out and "ppl" in out and "2 of 2" not in out
+    run = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
+    assert [s["name"] for s in run["stages"]] == ["sft", "ppl"] and run["recipe"]["name"] == "tiny"
+    assert not list((tmp_path / "runs" / "tiny" / ".partial").glob("*.plan*.json"))  # removed after each stage
+
+
+def test_a_stage_process_reads_the_plan_file_and_validates_without_one(tmp_path, tiny_llama):
+    from align.pipeline import make_plan
+    from align.rundir import plan_file, plan_record
+
+    path = write_recipe(tmp_path, sft_recipe(tmp_path, tiny_llama))
+    plan = make_plan(path)
+    pf = plan_file(plan.run_dir, "sft")
+    pf.parent.mkdir(parents=True)
+    pf.write_text(json.dumps(plan_record(plan)))
+    path.write_text("name: [broken\n")  # the stage process must not read the recipe again
+    res = align("stage", str(path), "sft", "--plan", str(pf))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "runs" / "tiny" / "sft" / "stage.json").is_file()
+    by_hand = align("stage", str(path), "ppl")  # started by hand: it validates, and says what is wrong
+    assert by_hand.returncode == 2 and "not valid YAML" in by_hand.stderr

@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     add_launch(plan)
     plan.add_argument("--json", action="store_true", help="print the whole plan as JSON (for CI and scripts)")
     plan.add_argument(
+        "--defaults",
+        action="store_true",
+        help="also list align's defaults each stage uses (the trainer fields align sets, and why)",
+    )
+    plan.add_argument(
         "--gpus",
         type=int,
         metavar="N",
@@ -72,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("stage", help="the stage name")
     stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     stage.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
+    stage.add_argument(
+        "--plan", metavar="FILE", help="the orchestrator's resolved plan (set by `align run`; by hand, leave it out)"
+    )
     ev = sub.add_parser(
         "eval",
         help="evaluate models on task files, outside a recipe (optionally gated against a baseline)",
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             from align.pipeline import execute_stage
 
-            execute_stage(args.recipe, args.stage, args.overrides, fresh=args.fresh)
+            execute_stage(args.recipe, args.stage, args.overrides, fresh=args.fresh, plan_path=args.plan)
             return 0
     except AlignError as e:
         print(f"align: error: {e}", file=sys.stderr, flush=True)
@@ -162,8 +170,7 @@ def cmd_eval(args: Any) -> int:
 
     from align.errors import RecipeError
     from align.models import load_tokenizer
-    from align.recipe import EvalTask
-    from align.stages.evaluate import evaluate, load_task_spec, resolve_target
+    from align.stages.evaluate import EvalTask, evaluate, load_task_spec, resolve_target
 
     specs = {}
     for name in args.tasks:
@@ -242,7 +249,7 @@ def cmd_plan(args: Any) -> int:
 
         print(json.dumps(plan_json(plan, memory, gpu_bytes), indent=2))
     else:
-        print(render_plan(plan, memory if (args.gpus or gpu_bytes) else None))
+        print(render_plan(plan, memory if (args.gpus or gpu_bytes) else None, defaults=args.defaults))
     if too_big:
         raise RecipeError(too_big)
     return 0
@@ -259,9 +266,11 @@ def launch_args(args: Any) -> dict[str, Any]:
 def plan_json(plan: Any, memory: dict[str, Any] | None = None, gpu_bytes: int | None = None) -> dict[str, Any]:
     """The whole plan as data: stages, links, status, launch, global batch, memory estimate (bytes)."""
     from align.launch import global_batch
+    from align.stages.registry import stage_of
 
     stages = []
     for sp in plan.stages:
+        kind = stage_of(sp.stage)
         row: dict[str, Any] = {
             "name": sp.name,
             "type": sp.stage.type,
@@ -270,9 +279,9 @@ def plan_json(plan: Any, memory: dict[str, Any] | None = None, gpu_bytes: int | 
             "detail": sp.detail,
             "fingerprint": sp.fingerprint,
             "folder": str(sp.final_dir),
+            **kind.plan_fields(sp),
+            "defaults": {d.key: {"value": d.value, "why": d.why} for d in kind.applied_defaults(plan, sp)},
         }
-        if sp.stage.type in ("ppo", "grpo", "rloo"):
-            row["reward"] = plan.recipe.reward_source(sp.stage)
         if sp.name in plan.launches:
             info, micro, accum = plan.launches[sp.name]
             row["launch"] = {
@@ -313,8 +322,9 @@ def plan_json(plan: Any, memory: dict[str, Any] | None = None, gpu_bytes: int | 
     }
 
 
-def render_plan(plan: Any, memory: dict[str, Any] | None = None) -> str:
-    r = plan.recipe
+def render_plan(plan: Any, memory: dict[str, Any] | None = None, *, defaults: bool = False) -> str:
+    from align.stages.registry import stage_of
+
     base = plan.base
     lines = [
         f"recipe  {plan.recipe_path}",
@@ -324,18 +334,15 @@ def render_plan(plan: Any, memory: dict[str, Any] | None = None) -> str:
         f"{'#':<3}{'stage':<16}{'type':<7}{'input':<20}{'status':<11}writes",
     ]
     for sp in plan.stages:
-        st = sp.stage
-        what = "metrics.json, summary.md" if st.type == "eval" else _writes(st)
-        inputs = ", ".join(sp.inputs)
-        if st.type in ("ppo", "grpo", "rloo"):
-            inputs = f"{sp.inputs[0]} + reward {r.reward_source(st)}"
+        st, kind = sp.stage, stage_of(sp.stage)
+        what, inputs = kind.writes(st), kind.describe_inputs(sp)
         lines.append(
             f"{sp.index:<3}{sp.name:<16}{st.type:<7}{inputs:<20}{sp.status:<11}"
             f"{sp.final_dir.relative_to(plan.run_dir.parent)}/ ({what})"
         )
         if sp.detail:
             lines.append(f"{'':<37}{sp.detail}")
-        if sp.name in plan.launches and st.type != "eval":
+        if sp.name in plan.launches and kind.follows_cli_launch:
             from align.launch import global_batch
 
             info, micro, accum = plan.launches[sp.name]
@@ -350,6 +357,9 @@ def render_plan(plan: Any, memory: dict[str, Any] | None = None) -> str:
             b = est["bytes"]
             parts = ", ".join(f"{k} {human(v)}" for k, v in b.items() if k != "total" and v)
             lines.append(f"{'':<37}memory ~{human(b['total'])} per GPU x{est['input']['n_gpus']} ({parts})")
+        if defaults:
+            for d in kind.applied_defaults(plan, sp):
+                lines.append(f"{'':<37}default {d.key}={d.value!r}: {d.why}")
     for w in plan.warnings:
         lines.append(f"note: {w}")
     if memory is not None and not memory["stages"]:
@@ -364,13 +374,6 @@ def render_plan(plan: Any, memory: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _writes(st: Any) -> str:
-    if st.type == "reward":
-        return "reward model/ (merged classifier)"
-    art = "model/" if st.adapter.type == "full" else f"{st.adapter.type} adapter/"
-    return art + (" + merged/" if st.merge else "")
-
-
 def cmd_run(args: Any) -> int:
     import time
 
@@ -382,48 +385,25 @@ def cmd_run(args: Any) -> int:
         plan.recipe.stage(args.only)
     print(render_plan(plan), flush=True)
     rows = run(plan, force=set(args.force), only=args.only)
-    print(
-        render_summary(make_plan(args.recipe, args.overrides, **launch_args(args)), rows, time.time() - t0), flush=True
-    )
+    print(render_summary(plan, rows, time.time() - t0), flush=True)
     return 0
 
 
 def render_summary(plan: Any, rows: list[dict[str, Any]], seconds: float) -> str:
     """The closing table: what ran, how long, headline metrics, where the outputs are."""
-    from align.pipeline import read_stage_json
+    from align.rundir import read_stage_json
+    from align.stages.registry import stage_of
 
     lines = ["", f"== {plan.recipe.name}: done in {seconds:.0f}s ({plan.run_dir}) =="]
     for row in rows:
         info = read_stage_json(plan.get(row["name"]).final_dir) or {}
         m = info.get("metrics", {})
-        head = headline(row["type"], m)
+        head = stage_of(plan.get(row["name"]).stage).headline(m)
         lines.append(f"  {row['name']:<16}{row['status']:<9}{row['seconds']:>7.0f}s  {head}")
     for sp in plan.stages:
-        if sp.stage.type == "eval" and (sp.final_dir / "summary.md").is_file():
+        if (sp.final_dir / "summary.md").is_file():
             lines += ["", f"{sp.name}:", (sp.final_dir / "summary.md").read_text().rstrip()]
     return "\n".join(lines)
-
-
-def headline(stage_type: str, m: dict[str, Any]) -> str:
-    """One line of the metrics that say whether a stage worked."""
-
-    def f(key: str, fmt: str = ".3f") -> str:
-        v = m.get(key)
-        return format(v, fmt) if isinstance(v, int | float) else "-"
-
-    loss = f"loss {f('first_loss')} -> {f('last_loss')}, {m.get('steps')} steps"
-    if stage_type == "sft":
-        return f"{loss}, {f('tokens_per_s', '.0f')} tok/s"
-    if stage_type == "reward":
-        return (
-            f"{loss}; held-out accuracy {f('eval_accuracy_before')} -> {f('eval_accuracy')}, margin {f('eval_margin')}"
-        )
-    if stage_type in ("dpo", "kto", "orpo"):
-        acc = f"reward accuracy {f('eval_reward_accuracies_before')} -> {f('eval_reward_accuracies')}"
-        return f"{loss}; held-out {acc}" if "eval_reward_accuracies" in m else loss
-    if stage_type in ("ppo", "grpo", "rloo"):
-        return f"{m.get('steps')} steps, reward {f('reward_first')} -> {f('reward_last')}, KL {f('kl_last')}"
-    return "see summary.md"
 
 
 if __name__ == "__main__":

@@ -31,18 +31,10 @@ REQUIRED = {
     "hh_rlhf": ["chosen", "rejected"],
     "prompt": ["prompt"],
 }
-# Which formats each stage type accepts (the per-stage dataset contract, checked at plan time).
-STAGE_FORMATS = {
-    "sft": ("messages", "prompt_completion", "alpaca", "text"),
-    "eval": ("text", "messages", "prompt_completion", "alpaca"),
-    "reward": ("preference", "hh_rlhf"),
-    "dpo": ("preference", "hh_rlhf"),
-    "kto": ("preference", "hh_rlhf"),
-    "orpo": ("preference", "hh_rlhf"),
-    "ppo": ("prompt", "messages", "prompt_completion", "alpaca", "preference", "hh_rlhf"),
-    "grpo": ("prompt", "messages", "prompt_completion", "alpaca", "preference", "hh_rlhf"),
-    "rloo": ("prompt", "messages", "prompt_completion", "alpaca", "preference", "hh_rlhf"),
-}
+# The data formats a stage accepts are declared by its stage type (`Stage.formats`, align.stages).
+TEXT_FORMATS = ("messages", "prompt_completion", "alpaca", "text")
+PAIR_FORMATS = ("preference", "hh_rlhf")
+PROMPT_FORMATS = ("prompt", "messages", "prompt_completion", "alpaca", "preference", "hh_rlhf")
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
@@ -106,21 +98,21 @@ def detect_format(columns: set[str]) -> str | None:
 
 
 def check_format(
-    rows: list[dict[str, Any]], spec: Any, stage_type: str, field: str
+    rows: list[dict[str, Any]], spec: Any, allowed: tuple[str, ...], field: str, *, who: str = "this"
 ) -> tuple[str, list[tuple[str, str]]]:
-    """Return (format, problems) for the first rows of a dataset used by a stage."""
+    """Return (format, problems) for the first rows of a dataset used by a stage (`who`: its type, for messages)
+    that accepts the `allowed` formats."""
     if not rows:
         return "?", [(field, "the dataset is empty")]
     renamed = [{spec.columns.get(k, k): v for k, v in r.items()} for r in rows]
     cols = set(renamed[0])
     fmt = detect_format(cols) if spec.format == "auto" else spec.format
-    allowed = STAGE_FORMATS[stage_type]
     if fmt is None:
         hints = "; ".join(f"{k}: {', '.join(v)}" for k, v in REQUIRED.items() if k in allowed)
         return "?", [
             (
                 field,
-                f"cannot tell the data format from columns {sorted(cols)}; a `{stage_type}` stage needs one of "
+                f"cannot tell the data format from columns {sorted(cols)}; a `{who}` stage needs one of "
                 f"({hints}). Rename columns with `columns: {{their_name: our_name}}` or set `format:`",
             )
         ]
@@ -129,7 +121,7 @@ def check_format(
         return fmt, [(field, f"format `{fmt}` needs column(s) {missing}; the data has {sorted(cols)}")]
     if fmt not in allowed:
         need = "; ".join(f"{k}: {', '.join(REQUIRED[k])}" for k in allowed)
-        return fmt, [(field, f"a `{stage_type}` stage takes {', '.join(allowed)} data, not `{fmt}` (columns {need})")]
+        return fmt, [(field, f"a `{who}` stage takes {', '.join(allowed)} data, not `{fmt}` (columns {need})")]
     if fmt == "messages":
         msgs = renamed[0]["messages"]
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs)):

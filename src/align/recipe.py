@@ -1,195 +1,31 @@
 """Recipe schema, `extends:` composition, `a.b.c=value` overrides and validation.
 
-The pydantic models below are the single source of truth for what a recipe may say; trainer
-arguments are checked against the installed TRL config class instead of being re-declared.
+The schema is `align.spec`'s shared pieces plus each registered stage type's spec (`align.stages.registry`);
+trainer arguments are checked against the stage's trainer config class instead of being re-declared.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from align.errors import RecipeError, did_you_mean
+from align.spec import AdapterSpec, DatasetSpec, LaunchSpec, ModelSpec, RecipeSpec
+from align.stages.registry import BY_NAME, STAGE_TYPES, STAGES, stage_of
+from align.trl_compat import check_trainer_args
 from align.yamlio import load_yaml_text
 
-AdapterType = Literal["lora", "dora", "qlora", "full"]
-DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text", "preference", "hh_rlhf"]
+STAGE_UNION = Union[tuple(s.spec for s in STAGES)]  # noqa: UP007 - built from the registry at run time
+StageUnion = Annotated[STAGE_UNION, Field(discriminator="type")]
+__all__ = ["AdapterSpec", "DatasetSpec", "LaunchSpec", "ModelSpec", "Recipe", "STAGE_TYPES", "load_recipe"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class ModelSpec(_Strict):
-    """The base model: `smollm2-135m-instruct` (embedded), a local folder, or a hub id."""
-
-    name_or_path: str
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    chat_template: str | None = Field(None, description="path to a .jinja file that replaces the tokenizer's")
-
-
-class DatasetSpec(_Strict):
-    """One named dataset: a local file/folder (json, jsonl, csv, parquet) or a hub id."""
-
-    path: str
-    format: DataFormat = "auto"
-    split: str = "train"
-    subset: str | None = Field(None, description="hub dataset configuration name")
-    columns: dict[str, str] = Field(default_factory=dict, description="rename: {their_column: our_column}")
-    max_samples: int | None = Field(None, gt=0)
-    eval_fraction: float | None = Field(None, gt=0, lt=1, description="hold out this share for evaluation")
-    eval_path: str | None = Field(None, description="a separate held-out file instead of eval_fraction")
-
-    @model_validator(mode="after")
-    def _one_eval_source(self) -> DatasetSpec:
-        if self.eval_fraction is not None and self.eval_path is not None:
-            raise ValueError("set either eval_fraction or eval_path, not both")
-        return self
-
-
-class AdapterSpec(_Strict):
-    """How the stage adapts the model. `full` trains every weight; the others are peft adapters."""
-
-    type: AdapterType = "lora"
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    modules_to_save: list[str] | None = None
-
-
-class LaunchSpec(_Strict):
-    """How the orchestrator starts the stage process (hardware lives in accelerate_configs/)."""
-
-    accelerate_config: str = Field(
-        "auto", description="a name in accelerate_configs/ or a path; auto picks cpu/single_gpu"
-    )
-    num_processes: int | None = Field(None, gt=0)
-    mode: Literal["accelerate", "python"] = Field("accelerate", description="python: a plain subprocess, no launcher")
-
-
-class _StageBase(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-    source: str | None = Field(
-        None, alias="from", description="where the input model comes from: `base` or a stage name"
-    )
-
-
-class SFTStage(_StageBase):
-    type: Literal["sft"]
-    data: str | list[str] | dict[str, float] = Field(description="dataset name(s); a mapping gives mixture weights")
-    eval_data: str | None = None
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    loss_on: Literal["completion", "all"] = Field("completion", description="completion = prompt tokens masked")
-    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
-    train: dict[str, Any] = Field(default_factory=dict, description="TRL SFTConfig fields, by their TRL names")
-    launch: LaunchSpec = Field(default_factory=LaunchSpec)
-    allow_cpu_qlora: bool = Field(False, description="train QLoRA on CPU even if the gradient check disagrees")
-
-
-class RewardStage(_StageBase):
-    """A reward model (sequence classifier, one score) on preference pairs, via TRL's RewardTrainer.
-
-    Its input defaults to the last policy stage (the SFT model, as in InstructGPT); it writes a merged
-    reward model that `ppo`/`grpo`/`rloo` stages read."""
-
-    type: Literal["reward"]
-    data: str | list[str] | dict[str, float]
-    eval_data: str | None = None
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    train: dict[str, Any] = Field(default_factory=dict, description="TRL RewardConfig fields, by their TRL names")
-    launch: LaunchSpec = Field(default_factory=LaunchSpec)
-
-
-class PreferenceStage(_StageBase):
-    """Offline preference optimisation on pairs: `dpo` (TRL DPOTrainer), `kto`, `orpo`.
-
-    With an adapter the reference model is the same weights with the adapter disabled (no second copy)."""
-
-    type: Literal["dpo", "kto", "orpo"]
-    data: str | list[str] | dict[str, float]
-    eval_data: str | None = None
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
-    train: dict[str, Any] = Field(default_factory=dict, description="TRL DPOConfig/KTOConfig/ORPOConfig fields")
-    launch: LaunchSpec = Field(default_factory=LaunchSpec)
-
-
-class OnlineRLStage(_StageBase):
-    """On-policy RL from prompts: `ppo` (align's own actor-critic), `grpo` and `rloo` (TRL's trainers).
-
-    `reward` names a `reward` stage, or a Python function as `module:function` (imported only when named
-    here); left out, the last earlier `reward` stage is used."""
-
-    type: Literal["ppo", "grpo", "rloo"]
-    data: str | list[str] | dict[str, float] = Field(description="prompts: any format with a prompt part")
-    reward: str | None = Field(
-        None, description="a reward stage name, `module:function`, or a reward model folder (./path)"
-    )
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
-    train: dict[str, Any] = Field(
-        default_factory=dict, description="ppo: align.ppo.PPOConfig fields; grpo/rloo: TRL GRPOConfig/RLOOConfig"
-    )
-    launch: LaunchSpec = Field(default_factory=LaunchSpec)
-
-
-class EvalTask(_Strict):
-    """Either perplexity on a recipe dataset (`data:`), or a task file (`task:` name in evaluation/tasks/ or path)."""
-
-    type: Literal["perplexity"] = "perplexity"
-    data: str | None = None
-    task: str | None = None
-    limit: int | None = Field(None, gt=0, description="task files: first N items (per subject for MMLU)")
-    max_length: int = Field(512, gt=8, description="sliding window length in tokens")
-    stride: int = Field(256, gt=0)
-    max_samples: int | None = Field(None, gt=0)
-    score: Literal["completion", "all"] = Field(
-        "completion", description="perplexity: score response tokens only (completion), or every token (all)"
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> EvalTask:
-        if (self.data is None) == (self.task is None):
-            raise ValueError("set `data:` (perplexity on a recipe dataset) or `task:` (a task file), not both")
-        return self
-
-
-class EvalStage(_StageBase):
-    type: Literal["eval"]
-    targets: list[str] = Field(
-        default_factory=list, description="`base` and/or stage names; empty = base and the previous stage"
-    )
-    tasks: list[EvalTask] = Field(min_length=1)
-    batch_size: int = Field(8, gt=0)
-    launch: LaunchSpec = Field(
-        default_factory=lambda: LaunchSpec(mode="python"),
-        description="one plain process by default; with accelerate and N processes the items are sharded "
-        "across them (whole batches per rank, so the result equals one process's)",
-    )
-
-
-AnyStage = SFTStage | RewardStage | PreferenceStage | OnlineRLStage | EvalStage
-Stage = Annotated[AnyStage, Field(discriminator="type")]
-# the one explicit list of stage types (see stages/__init__.py)
-STAGE_TYPES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "eval")
-POLICY_TYPES = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo")  # their output is the next stage's model
-
-
-class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-    description: str = ""
-    model: ModelSpec
-    output_dir: str = Field("runs", description="run folders go to <output_dir>/<name>/")
-    seed: int = 42
-    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
-    stages: list[Stage] = Field(min_length=1)
+class Recipe(RecipeSpec):
+    stages: list[StageUnion] = Field(min_length=1)  # type: ignore[assignment]
 
     @field_validator("model", mode="before")
     @classmethod
@@ -198,11 +34,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _links(self) -> Recipe:
-        """Cross-field checks: unique names, known datasets, `from` pointing backwards."""
+        """Cross-field checks: unique names, known datasets, `from` pointing backwards, each type's own links."""
         problems: list[tuple[str, str]] = []
         seen: list[str] = []
         for i, st in enumerate(self.stages):
             where = f"stages[{i}]({st.name})"
+            kind = stage_of(st)
             if st.name in seen or st.name == "base":
                 problems.append((f"{where}.name", f"`{st.name}` is used twice or reserved; names must be unique"))
             if st.source is not None and st.source != "base" and st.source not in seen:
@@ -212,85 +49,19 @@ class Recipe(_Strict):
                         f"`{st.source}` is not an earlier stage{did_you_mean(st.source, seen + ['base'])}",
                     )
                 )
-            for ref, field in _dataset_refs(st):
+            for ref, field in kind.dataset_refs(st):
                 if ref not in self.datasets:
                     hint = did_you_mean(ref, self.datasets) or f"; defined: {', '.join(self.datasets) or 'none'}"
                     problems.append((f"{where}.{field}", f"unknown dataset `{ref}`{hint}"))
-            if st.source is not None and st.source in seen and self.stage(st.source).type not in POLICY_TYPES:
+            if st.source is not None and st.source in seen and not stage_of(self.stage(st.source)).produces_policy:
                 problems.append(
                     (f"{where}.from", f"`{st.source}` is a `{self.stage(st.source).type}` stage, not a policy model")
                 )
-            if isinstance(st, EvalStage):
-                for t in st.targets:
-                    if t != "base" and t not in seen:
-                        problems.append(
-                            (f"{where}.targets", f"`{t}` is not an earlier stage{did_you_mean(t, seen + ['base'])}")
-                        )
-                    elif t != "base" and self.stage(t).type not in POLICY_TYPES:
-                        problems.append((f"{where}.targets", f"`{t}` is a `{self.stage(t).type}` stage, not a policy"))
-            if isinstance(st, OnlineRLStage):
-                problems += self._reward_link(st, where, seen)
+            problems += kind.links(self, st, where, stage_of)
             seen.append(st.name)
         if problems:
             raise RecipeError(problems)
         return self
-
-    def _reward_link(self, st: OnlineRLStage, where: str, seen: list[str]) -> list[tuple[str, str]]:
-        rewards = [n for n in seen if self.stage(n).type == "reward"]
-        if st.reward is None:
-            if not rewards:
-                return [
-                    (
-                        f"{where}.reward",
-                        f"a `{st.type}` stage needs a reward: add a `type: reward` stage before it, or set "
-                        "`reward: module:function`",
-                    )
-                ]
-            return []
-        kind = reward_kind(st.reward)
-        if kind == "path":
-            return []  # an existing reward model folder: checked at plan time (files, tokenizer)
-        if kind == "function":
-            mod, _, fn = st.reward.partition(":")
-            if not mod or not fn.isidentifier():
-                return [(f"{where}.reward", f"`{st.reward}` is not of the form `module:function`")]
-            return []
-        if st.reward not in rewards:
-            what = f"is a `{self.stage(st.reward).type}` stage" if st.reward in seen else "is not an earlier stage"
-            hint = did_you_mean(st.reward, rewards) or f"; earlier reward stages: {', '.join(rewards) or 'none'}"
-            return [(f"{where}.reward", f"`{st.reward}` {what}, not a reward model{hint}")]
-        return []
-
-    def reward_source(self, st: OnlineRLStage) -> str:
-        """The reward stage name, or `module:function`, an online RL stage reads (after `_links` passed)."""
-        if st.reward is not None:
-            return st.reward
-        index = self.stages.index(st)
-        return next(s.name for s in reversed(self.stages[:index]) if s.type == "reward")
-
-    def stage(self, name: str) -> AnyStage:
-        for st in self.stages:
-            if st.name == name:
-                return st
-        raise RecipeError(f"no stage named `{name}`{did_you_mean(name, [s.name for s in self.stages])}", "stage")
-
-
-def reward_kind(ref: str) -> Literal["stage", "function", "path"]:
-    """`reward:` names a reward stage, a `module:function`, or a reward model folder (a path)."""
-    if ref.startswith((".", "/", "~")):
-        return "path"
-    return "function" if ":" in ref else "stage"
-
-
-def _dataset_refs(st: AnyStage) -> list[tuple[str, str]]:
-    if isinstance(st, OnlineRLStage):
-        names = [st.data] if isinstance(st.data, str) else list(st.data)
-        return [(n, "data") for n in names]
-    if not isinstance(st, EvalStage):
-        names = [st.data] if isinstance(st.data, str) else list(st.data)
-        refs = [(n, "data") for n in names]
-        return refs + ([(st.eval_data, "eval_data")] if st.eval_data else [])
-    return [(t.data, f"tasks[{j}].data") for j, t in enumerate(st.tasks) if t.data]
 
 
 # ---------------------------------------------------------------- loading, extends, overrides
@@ -359,8 +130,10 @@ def _absolutize_paths(data: dict[str, Any], root: Path) -> None:
                     if cand.exists() or p.startswith("."):
                         spec[key] = str(cand.resolve())
     for st in data.get("stages") or []:
-        if isinstance(st, dict) and isinstance(st.get("reward"), str) and st["reward"].startswith("."):
-            st["reward"] = str((root / st["reward"]).resolve())
+        if isinstance(st, dict) and st.get("type") in BY_NAME:
+            for key in BY_NAME[st["type"]].path_fields:  # a stage type's own fields that name files
+                if isinstance(st.get(key), str) and st[key].startswith("."):
+                    st[key] = str((root / st[key]).resolve())
     model = data.get("model")
     if isinstance(model, str) and model.startswith("."):
         data["model"] = str((root / model).resolve())
@@ -431,11 +204,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise RecipeError(_explain(e, data) + _raw_train_problems(data)) from None
-    from align.stages import check_stage_args  # late import: pulls in TRL's config classes
-
     problems = []
     for i, st in enumerate(recipe.stages):
-        problems += check_stage_args(st, f"stages[{i}]({st.name})")
+        problems += stage_of(st).check_args(st, f"stages[{i}]({st.name})")
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -443,17 +214,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def _raw_train_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     """Trainer-argument problems too, when the schema already failed, so every error is reported at once."""
-    from align.stages import module
-
     out = []
     for i, st in enumerate(data.get("stages") or []):
-        if isinstance(st, dict) and st.get("type") in STAGE_TYPES and isinstance(st.get("train"), dict):
-            cls = getattr(module(st["type"]), "TRAINER_CONFIG", None)
-            if isinstance(cls, dict):  # one module serving several stage types
-                cls = cls.get(st["type"])
+        if isinstance(st, dict) and st.get("type") in BY_NAME and isinstance(st.get("train"), dict):
+            cls = BY_NAME[st["type"]].trainer_config
             if cls is not None:
-                from align.trl_compat import check_trainer_args
-
                 out += check_trainer_args(st["train"], cls, f"stages[{i}]({st.get('name')}).train")
     return out
 

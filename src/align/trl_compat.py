@@ -28,7 +28,7 @@ __all__ = [
     "SFTTrainer",
     "check_trainer_args",
     "orpo_config",
-    "trainer_class",
+    "trainer",
 ]
 
 
@@ -43,17 +43,18 @@ def orpo_config() -> type | None:
     return ORPOConfig
 
 
-def trainer_class(stage_type: str) -> type:
-    """The TRL trainer for a stage type, imported when a stage runs (trainers pull in much more than configs)."""
-    if stage_type == "orpo":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from trl.experimental.orpo import ORPOTrainer
-        return ORPOTrainer
+def trainer(class_name: str) -> type:
+    """A TRL trainer class by its name (`DPOTrainer`, `ORPOTrainer`...), imported when a stage runs: trainers pull
+    in much more than configs. ORPO's lives in `trl.experimental` in trl 1.x."""
     import trl
 
-    name = {"reward": "RewardTrainer", "dpo": "DPOTrainer", "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
-    return getattr(trl, name.get(stage_type) or "RLOOTrainer")
+    if hasattr(trl, class_name):
+        return getattr(trl, class_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental import orpo
+
+    return getattr(orpo, class_name)
 
 
 # Fields align sets itself from the run directory and the stage; the recipe may not set them.

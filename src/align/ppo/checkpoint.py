@@ -25,10 +25,9 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from align.ppo.trainer import PPOTrainer
+PPOTrainer = Any  # align.ppo.trainer.PPOTrainer, which imports this module (so it is not imported here)
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"

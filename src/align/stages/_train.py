@@ -1,7 +1,5 @@
-"""What every training stage shares: trainer defaults, the input model, the guard callback, resume, saving.
-
-The stage modules (sft, reward, preference, online, ppo) read top to bottom as
-config -> data -> model -> trainer -> train -> save -> metrics and call into here for the common parts.
+"""What every training stage shares: device flags, data checks and loading, the input model, the guard
+callback, resume, saving and metrics. The TRL stages' skeleton (`align.stages._trl`) and PPO call into here.
 """
 
 from __future__ import annotations
@@ -19,20 +17,9 @@ from transformers import TrainerCallback
 from align import distributed
 from align.data import check_format, data_files, is_local, mix, peek_rows, train_eval_split
 from align.errors import NonFiniteLoss, RecipeError
+from align.rundir import Plan, StagePlan, latest_checkpoint
 
-# align's defaults where TRL's do not suit a pipeline (everything else is TRL's own default).
-# They are recorded in each stage's config.yaml; a recipe's `train:` overrides any of them.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "report_to": "none",
-    "logging_steps": 1,  # the NaN guard and train_log.jsonl see every step
-    "logging_nan_inf_filter": False,  # transformers would hide a NaN loss from the log (and our guard)
-    "save_strategy": "steps",
-    "save_steps": 20,  # frequent, cheap adapter checkpoints make kill-and-resume lose little
-    "save_total_limit": 2,
-    "activation_checkpointing": False,  # recompute costs ~30% speed; turn on for models that do not fit
-    "dataloader_num_workers": 0,
-}
-LORA_LEARNING_RATE = 2e-4  # TRL's defaults suit full fine-tuning; adapters want ~10x more
+Problem = tuple[str, str]
 
 
 def device_args(seed: int, dtype: str = "auto") -> dict[str, Any]:
@@ -55,11 +42,11 @@ def names(data: str | list[str] | dict[str, float]) -> list[str]:
 # ---------------------------------------------------------------- plan-time checks
 
 
-def check_data(plan: Any, sp: Any, stage_type: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+def check_data(plan: Plan, sp: StagePlan, formats: tuple[str, ...]) -> tuple[dict[str, str], list[Problem]]:
     """Formats of a stage's local datasets (first rows only) and every problem found."""
     stage, recipe = sp.stage, plan.recipe
-    problems: list[tuple[str, str]] = []
-    formats: dict[str, str] = {}
+    problems: list[Problem] = []
+    found_formats: dict[str, str] = {}
     for name in names(stage.data) + ([stage.eval_data] if getattr(stage, "eval_data", None) else []):
         spec = recipe.datasets[name]
         if not is_local(spec.path):
@@ -72,12 +59,13 @@ def check_data(plan: Any, sp: Any, stage_type: str) -> tuple[dict[str, str], lis
         except RecipeError as e:
             problems += [(f"datasets.{name}.{p}", m) for p, m in e.problems]
             continue
-        formats[name], found = check_format(rows, spec, stage_type, f"datasets.{name}")
+        found_fmt, found = check_format(rows, spec, formats, f"datasets.{name}", who=stage.type)
+        found_formats[name] = found_fmt
         problems += [(p, f"{m} (used by stage `{stage.name}`)") for p, m in found]
-    return formats, problems
+    return found_formats, problems
 
 
-def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> list[tuple[str, str]]:
+def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> list[Problem]:
     """TRL's own __post_init__ checks (illegal combinations), run at plan time."""
     try:
         config_cls(**args)
@@ -89,21 +77,21 @@ def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> list[t
 # ---------------------------------------------------------------- data
 
 
-def load_pairs(plan: Any, stage: Any, convert: Any) -> tuple[Any, Any | None]:
+def load_pairs(plan: Plan, stage: Any, formats: tuple[str, ...], convert: Any) -> tuple[Any, Any | None]:
     """(train, held-out) datasets of a stage, each row passed through `convert(ds, fmt)`; mixtures by weight."""
     recipe = plan.recipe
     parts, evals = [], []
     weights = stage.data if isinstance(stage.data, dict) else dict.fromkeys(names(stage.data), 1.0)
     for name, weight in weights.items():
         spec = recipe.datasets[name]
-        fmt, _ = check_format(peek_rows(spec.path) if is_local(spec.path) else [{}], spec, stage.type, name)
+        fmt, _ = check_format(peek_rows(spec.path) if is_local(spec.path) else [{}], spec, formats, name)
         train, held = train_eval_split(spec, recipe.seed)
         parts.append((convert(train, fmt), weight))
         if held is not None:
             evals.append(convert(held, fmt))
     if getattr(stage, "eval_data", None):
         spec = recipe.datasets[stage.eval_data]
-        fmt, _ = check_format(peek_rows(spec.path), spec, stage.type, stage.eval_data)
+        fmt, _ = check_format(peek_rows(spec.path), spec, formats, stage.eval_data)
         evals.append(convert(train_eval_split(spec, recipe.seed)[0], fmt))
     train_ds = mix(parts, recipe.seed)
     return train_ds, (mix([(e, 1.0) for e in evals], recipe.seed) if evals else None)
@@ -207,8 +195,6 @@ def train(trainer: Any, sp: Any, guard: Guard, *, evaluate_before: bool = False)
     """Resume from the newest complete checkpoint of this exact configuration; Ctrl-C saves and stops.
 
     Returns the train result and, with `evaluate_before`, the held-out metrics before the first step."""
-    from align.pipeline import latest_checkpoint
-
     before = EvalBefore(trainer) if evaluate_before else None
     if before is not None:
         trainer.add_callback(before)
@@ -287,10 +273,6 @@ def train_metrics(
         "weights_sha256": distributed.state_hash(trained),
         "trainable_dtype": str(next(iter(trained.values())).dtype).replace("torch.", "") if trained else None,
     }
-
-
-def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 class Guard(TrainerCallback):

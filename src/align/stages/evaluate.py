@@ -7,25 +7,120 @@ previous policy stage, so a recipe ends with a before/after comparison.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align.data import check_format, is_local, load_rows, peek_rows, texts_of
-from align.errors import RecipeError
+from pydantic import Field, model_validator
+
+from align import distributed
+from align.data import TEXT_FORMATS, check_format, is_local, load_rows, peek_rows, texts_of
+from align.errors import RecipeError, did_you_mean
+from align.memory import StageMemoryInput, Workload
+from align.models import plan_tokenizer
 from align.resources import data_root
+from align.rundir import Plan, StagePlan, input_artifact, library_versions, read_stage_json, write_common
+from align.spec import LaunchSpec, RecipeSpec, StageSpec, Strict
+from align.stages.base import Problem, Record, Stage
 
 
-def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
-    return [
-        (f"{path}.tasks[{j}].stride", f"stride {t.stride} is larger than max_length {t.max_length}")
-        for j, t in enumerate(stage.tasks)
-        if t.stride > t.max_length
-    ]
+class EvalTask(Strict):
+    """Either perplexity on a recipe dataset (`data:`), or a task file (`task:` name in evaluation/tasks/ or path)."""
+
+    type: Literal["perplexity"] = "perplexity"
+    data: str | None = None
+    task: str | None = None
+    limit: int | None = Field(None, gt=0, description="task files: first N items (per subject for MMLU)")
+    max_length: int = Field(512, gt=8, description="sliding window length in tokens")
+    stride: int = Field(256, gt=0)
+    max_samples: int | None = Field(None, gt=0)
+    score: Literal["completion", "all"] = Field(
+        "completion", description="perplexity: score response tokens only (completion), or every token (all)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalTask:
+        if (self.data is None) == (self.task is None):
+            raise ValueError("set `data:` (perplexity on a recipe dataset) or `task:` (a task file), not both")
+        return self
 
 
-def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    where = f"stages[{sp.index}]({sp.stage.name})"
+class EvalSpec(StageSpec):
+    type: Literal["eval"]
+    targets: list[str] = Field(
+        default_factory=list, description="`base` and/or stage names; empty = base and the previous stage"
+    )
+    tasks: list[EvalTask] = Field(min_length=1)
+    batch_size: int = Field(8, gt=0)
+    launch: LaunchSpec = Field(
+        default_factory=lambda: LaunchSpec(mode="python"),
+        description="one plain process by default; with accelerate and N processes the items are sharded "
+        "across them (whole batches per rank, so the result equals one process's)",
+    )
+
+
+class Eval(Stage):
+    name = "eval"
+    spec = EvalSpec
+    formats = TEXT_FORMATS
+    memory = Workload(training=False)
+    follows_cli_launch = False  # `align run --accelerate-config` sets the training stages; eval keeps its `launch:`
+
+    def check_args(self, spec: EvalSpec, where: str) -> list[Problem]:
+        return [
+            (f"{where}.tasks[{j}].stride", f"stride {t.stride} is larger than max_length {t.max_length}")
+            for j, t in enumerate(spec.tasks)
+            if t.stride > t.max_length
+        ]
+
+    def dataset_refs(self, spec: EvalSpec) -> list[tuple[str, str]]:
+        return [(t.data, f"tasks[{j}].data") for j, t in enumerate(spec.tasks) if t.data]
+
+    def links(
+        self, recipe: RecipeSpec, spec: EvalSpec, where: str, kind: Callable[[StageSpec], Stage]
+    ) -> list[Problem]:
+        earlier = recipe.stages[: recipe.stages.index(spec)]
+        names = [s.name for s in earlier]
+        problems = []
+        for t in spec.targets:
+            if t != "base" and t not in names:
+                problems.append(
+                    (f"{where}.targets", f"`{t}` is not an earlier stage{did_you_mean(t, names + ['base'])}")
+                )
+            elif t != "base" and not kind(recipe.stage(t)).produces_policy:
+                problems.append((f"{where}.targets", f"`{t}` is a `{recipe.stage(t).type}` stage, not a policy"))
+        return problems
+
+    def inputs(
+        self, recipe: RecipeSpec, spec: EvalSpec, default_source: str, kind: Callable[[StageSpec], Stage]
+    ) -> list[str]:
+        if spec.targets:
+            return list(spec.targets)
+        return ["base"] if default_source == "base" else ["base", default_source]
+
+    def check(self, plan: Plan, sp: StagePlan) -> list[Problem]:
+        return check(plan, sp)
+
+    def resolved_config(self, plan: Plan, sp: StagePlan) -> dict[str, Any]:
+        return {}
+
+    def batch(self, plan: Plan, sp: StagePlan) -> tuple[int, int]:
+        return sp.stage.batch_size, 1
+
+    def memory_input(self, plan: Plan, sp: StagePlan, common: dict[str, Any]) -> StageMemoryInput:
+        seq = max(t.max_length for t in sp.stage.tasks)
+        return StageMemoryInput(self.memory, **{**common, "adapter": "lora"}, seq_len=seq)
+
+    def run(self, plan: Plan, sp: StagePlan, out: Path) -> Record | None:
+        return run(plan, sp, out)
+
+    def writes(self, spec: EvalSpec) -> str:
+        return "metrics.json, summary.md"
+
+
+def check(plan: Plan, sp: StagePlan) -> list[Problem]:
+    problems: list[Problem] = []
+    where = sp.where
     for j, task in enumerate(sp.stage.tasks):
         if task.task:
             try:
@@ -45,7 +140,7 @@ def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
         except RecipeError as e:
             problems += [(f"datasets.{task.data}.{p}", m) for p, m in e.problems]
             continue
-        problems += check_format(rows, spec, "eval", f"datasets.{task.data}")[1]
+        problems += check_format(rows, spec, Eval.formats, f"datasets.{task.data}", who=Eval.name)[1]
     return problems
 
 
@@ -82,15 +177,7 @@ def task_records(res: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
-    return {}
-
-
-def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
-    from align import distributed
-    from align.models import plan_tokenizer
-    from align.pipeline import input_artifact, write_common
-
+def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
     stage, recipe = sp.stage, plan.recipe
     # config
     write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "targets": sp.inputs})
@@ -103,7 +190,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
             specs[task.task] = spec.model_copy(update={"limit": task.limit or spec.limit})
             continue
         spec = recipe.datasets[task.data]
-        fmt = check_format(peek_rows(spec.path), spec, "eval", task.data)[0] if is_local(spec.path) else "text"
+        fmt = check_format(peek_rows(spec.path), spec, Eval.formats, task.data)[0] if is_local(spec.path) else "text"
         ds = load_rows(spec)
         if task.max_samples:
             ds = ds.select(range(min(task.max_samples, len(ds))))
@@ -144,12 +231,10 @@ def evaluate(
     and comparison.png (bars per target, stderr error bars).
 
     Shared by the eval stage and `align eval`."""
-    from align import distributed
     from align.evaluation.compare import SCHEMA
     from align.evaluation.perplexity import perplexity
     from align.evaluation.runner import run_task
     from align.models import load_for_inference
-    from align.pipeline import library_versions
 
     main = distributed.is_main()  # items are sharded across processes; the main process writes
     if main:
@@ -221,8 +306,7 @@ def evaluate(
 
 def resolve_target(ref: str) -> tuple[str, dict[str, Any], Path]:
     """(label, artifact, tokenizer folder) for `align eval`: run, stage, adapter or model folder, or a model name."""
-    from align.models import resolve_model
-    from align.pipeline import read_stage_json
+    from align.models import locate, resolve_model
 
     p = Path(ref)
     if p.is_dir() and not (p / "stage.json").is_file() and not (p / "config.json").is_file():
@@ -235,8 +319,6 @@ def resolve_target(ref: str) -> tuple[str, dict[str, Any], Path]:
             p = stages[-1]
     if (p / "stage.json").is_file():
         info = read_stage_json(p) or {}
-        from align.models import locate
-
         art = locate(info["output"], p)
         if art["kind"] == "metrics":
             raise RecipeError(f"{p} is an eval stage; point at a training stage or model", "TARGET")

@@ -1,11 +1,13 @@
-"""On-policy RL stages on TRL's trainers: `grpo` (GRPOTrainer) and `rloo` (RLOOTrainer).
+"""On-policy RL stages on TRL's trainers: `grpo` (GRPOTrainer) and `rloo` (RLOOTrainer); the reward they share
+with `ppo` (align.stages.ppo).
 
-config -> data -> model -> trainer -> train -> save -> metrics.
+config -> data -> model -> trainer -> train -> save -> metrics (the skeleton in `align.stages._trl`).
 
 Prompts come from any dataset with a prompt part; the policy is the previous policy stage's output with a
-new adapter. The reward is the last `reward` stage's model (loaded as a sequence classifier) or a Python
-function named `module:function` in the recipe, imported only then (the recipe's folder is on the path);
-it is called as TRL calls reward functions: `f(prompts=..., completions=..., **columns) -> list[float]`.
+new adapter. The reward is the last reward stage's model (loaded as a sequence classifier), a reward model
+folder, or a Python function named `module:function` in the recipe, imported only when the stage runs (the
+recipe's folder is searched first); it is called as TRL calls reward functions:
+`f(prompts=..., completions=..., **columns) -> list[float]`.
 """
 
 from __future__ import annotations
@@ -14,71 +16,240 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align import distributed
-from align.data import file_hash, to_prompts
-from align.errors import RecipeError
-from align.recipe import reward_kind
-from align.stages._train import (
-    TRAIN_DEFAULTS,
-    Guard,
-    check_data,
-    check_trl_args,
-    device_args,
-    load_pairs,
-    load_policy,
-    save_policy,
-    set_pad,
-    train,
-    train_metrics,
-    trainable_snapshot,
-    write_metrics,
-)
-from align.trl_compat import GRPOConfig, RLOOConfig, check_trainer_args, coerce_trainer_args
+from pydantic import Field
 
-TRAINER_CONFIG: dict[str, type] = {"grpo": GRPOConfig, "rloo": RLOOConfig}
-ADAPTER_LR = 1e-5
+from align.data import PROMPT_FORMATS, file_hash, to_prompts
+from align.errors import RecipeError, did_you_mean
+from align.memory import StageMemoryInput, Workload
+from align.models import torch_dtype
+from align.rundir import Plan, StagePlan, input_artifact
+from align.spec import RecipeSpec, StageSpec, TrainSpec
+from align.stages._trl import TRAIN_DEFAULTS, TRLStage
+from align.stages.base import Default, Problem, Stage, fmt
+from align.trl_compat import GRPOConfig, RLOOConfig
 
 
-def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
-    problems = check_trainer_args(stage.train, TRAINER_CONFIG[stage.type], f"{path}.train")
-    if stage.adapter.type == "qlora":
-        problems.append((f"{path}.adapter.type", f"{stage.type} stages take `lora`, `dora` or `full`"))
-    return problems
+class OnlineSpec(TrainSpec):
+    """On-policy RL from prompts. `reward` names a reward stage, a reward model folder (./path), or a Python
+    function as `module:function`; left out, the last earlier reward stage is used."""
+
+    data: str | list[str] | dict[str, float] = Field(description="prompts: any format with a prompt part")
+    reward: str | None = Field(
+        None, description="a reward stage name, `module:function`, or a reward model folder (./path)"
+    )
+    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
+    train: dict[str, Any] = Field(default_factory=dict, description="the trainer's config fields")
 
 
-# ---------------------------------------------------------------- the reward: a reward stage or a function
+# ---------------------------------------------------------------- the reward: a reward stage, a folder or a function
 
 
-def reward_is_function(plan: Any, stage: Any) -> bool:
-    return reward_kind(plan.recipe.reward_source(stage)) == "function"
+def reward_kind(ref: str) -> Literal["stage", "function", "path"]:
+    """`reward:` names a reward stage, a `module:function`, or a reward model folder (a path)."""
+    if ref.startswith((".", "/", "~")):
+        return "path"
+    return "function" if ":" in ref else "stage"
 
 
-def function_file(plan: Any, stage: Any) -> Path | None:
+def reward_stages(recipe: RecipeSpec, before: StageSpec, kind: Callable[[StageSpec], Stage]) -> list[str]:
+    index = recipe.stages.index(before)
+    return [s.name for s in recipe.stages[:index] if kind(s).produces_reward]
+
+
+def reward_source(recipe: RecipeSpec, spec: OnlineSpec, kind: Callable[[StageSpec], Stage]) -> str:
+    """The reward an online RL stage reads: its `reward:`, else the last earlier reward stage (links checked)."""
+    return spec.reward if spec.reward is not None else reward_stages(recipe, spec, kind)[-1]
+
+
+def reward_ref(sp: StagePlan) -> str:
+    """The same, once planned: the default reward stage is the stage's second input."""
+    return sp.stage.reward if sp.stage.reward is not None else sp.inputs[1]
+
+
+def reward_is_function(sp: StagePlan) -> bool:
+    return reward_kind(reward_ref(sp)) == "function"
+
+
+class OnlineRL(TRLStage):
+    """What grpo, rloo and ppo share: prompts as data, a reward, and the reward as an input of the stage."""
+
+    formats = PROMPT_FORMATS
+    produces_policy = True
+    path_fields = ("reward",)  # `reward: ./folder` is a reward model folder beside the recipe
+    memory = Workload(generates=True)
+    defaults = (*TRAIN_DEFAULTS, Default("learning_rate", 1e-5, "on-policy updates are noisy; small steps", "adapter"))
+
+    def links(
+        self, recipe: RecipeSpec, spec: OnlineSpec, where: str, kind: Callable[[StageSpec], Stage]
+    ) -> list[Problem]:
+        rewards = reward_stages(recipe, spec, kind)
+        if spec.reward is None:
+            if rewards:
+                return []
+            return [
+                (
+                    f"{where}.reward",
+                    f"a `{spec.type}` stage needs a reward: add a reward stage before it, or set "
+                    "`reward: module:function`",
+                )
+            ]
+        ref = spec.reward
+        if reward_kind(ref) == "path":
+            return []  # an existing reward model folder: checked at plan time (files, tokenizer)
+        if reward_kind(ref) == "function":
+            mod, _, fn = ref.partition(":")
+            return (
+                []
+                if mod and fn.isidentifier()
+                else [(f"{where}.reward", f"`{ref}` is not of the form `module:function`")]
+            )
+        if ref in rewards:
+            return []
+        earlier = [s.name for s in recipe.stages[: recipe.stages.index(spec)]]
+        what = f"is a `{recipe.stage(ref).type}` stage" if ref in earlier else "is not an earlier stage"
+        hint = did_you_mean(ref, rewards) or f"; earlier reward stages: {', '.join(rewards) or 'none'}"
+        return [(f"{where}.reward", f"`{ref}` {what}, not a reward model{hint}")]
+
+    def inputs(
+        self, recipe: RecipeSpec, spec: OnlineSpec, default_source: str, kind: Callable[[StageSpec], Stage]
+    ) -> list[str]:
+        inputs = [spec.source or default_source]
+        ref = reward_source(recipe, spec, kind)
+        if reward_kind(ref) == "stage":
+            inputs.append(ref)  # the reward model is an input too: retraining it re-runs this stage
+        return inputs
+
+    def convert(self, ds: Any, fmt: str, *, chat: bool, spec: Any, tok: Any) -> Any:
+        return to_prompts(ds, fmt, chat=chat)
+
+    def check_inputs(self, plan: Plan, sp: StagePlan, formats: dict[str, str]) -> list[Problem]:
+        return check_reward(plan, sp, same_tokenizer=False)
+
+    def resolved_config(self, plan: Plan, sp: StagePlan) -> dict[str, Any]:
+        return {**self.train_args(plan, sp), **reward_record(plan, sp)}
+
+    def trainer_kwargs(self, plan: Plan, sp: StagePlan, eval_ds: Any) -> dict[str, Any]:
+        if reward_is_function(sp):
+            return {"reward_funcs": load_function(plan, sp), "reward_processing_classes": None}
+        model, tok = load_reward_model(plan, sp)
+        return {"reward_funcs": model, "reward_processing_classes": tok}
+
+    def stage_metrics(
+        self,
+        plan: Plan,
+        sp: StagePlan,
+        trl_trainer: Any,
+        eval_ds: Any,
+        ev_before: dict[str, Any],
+        heldout: str | None,
+        common: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The reward curve from the trainer's log."""
+        history = trl_trainer.state.log_history
+        rewards = [h["reward"] for h in history if "reward" in h]
+        if not rewards:
+            return {}
+        k = max(1, min(5, len(rewards) // 2))
+        return {
+            "reward_first": sum(rewards[:k]) / k,
+            "reward_last": sum(rewards[-k:]) / k,
+            "kl_last": next((h["kl"] for h in reversed(history) if "kl" in h), None),
+        }
+
+    def memory_input(self, plan: Plan, sp: StagePlan, common: dict[str, Any]) -> StageMemoryInput:
+        resolved = self.resolved_config(plan, sp)
+        fields = self.trainer_config.__dataclass_fields__
+
+        def get(key: str) -> Any:
+            return resolved[key] if key in resolved else (fields[key].default if key in fields else None)
+
+        ac = get("activation_checkpointing")
+        return StageMemoryInput(
+            self.memory,
+            **common,
+            seq_len=int(get("max_prompt_length") or 512),
+            gen_tokens=int(get("max_completion_length") or 256),
+            num_generations=int(get("num_generations") or 1),
+            activation_checkpointing=bool(ac if ac is not None else get("gradient_checkpointing")),
+            reward_model=resolved["reward"].get("function") is None,
+        )
+
+    def describe_inputs(self, sp: StagePlan) -> str:
+        return f"{sp.inputs[0]} + reward {reward_ref(sp)}"
+
+    def plan_fields(self, sp: StagePlan) -> dict[str, Any]:
+        return {"reward": reward_ref(sp)}
+
+    def headline(self, m: dict[str, Any]) -> str:
+        reward = f"reward {fmt(m, 'reward_first')} -> {fmt(m, 'reward_last')}"
+        return f"{m.get('steps')} steps, {reward}, KL {fmt(m, 'kl_last')}"
+
+
+class GRPOSpec(OnlineSpec):
+    type: Literal["grpo"]
+
+
+class RLOOSpec(OnlineSpec):
+    type: Literal["rloo"]
+
+
+class GRPO(OnlineRL):
+    name = "grpo"
+    spec = GRPOSpec
+    trainer_config = GRPOConfig
+    trainer_name = "GRPOTrainer"
+
+    def launch_problems(self, info: Any, where: str) -> list[Problem]:
+        return fsdp_refused(info, self.name, where)
+
+
+class RLOO(OnlineRL):
+    name = "rloo"
+    spec = RLOOSpec
+    trainer_config = RLOOConfig
+    trainer_name = "RLOOTrainer"
+
+    def launch_problems(self, info: Any, where: str) -> list[Problem]:
+        return fsdp_refused(info, self.name, where)
+
+
+def fsdp_refused(info: Any, stage_type: str, where: str) -> list[Problem]:
+    if not info.fsdp:
+        return []
+    field = f"{where}.launch.accelerate_config"
+    return [(field, f"{stage_type} under FSDP is not supported by align; use deepspeed_zero2/3 or multi_gpu")]
+
+
+# ---------------------------------------------------------------- the reward, loaded
+
+
+def function_file(plan: Plan, sp: StagePlan) -> Path | None:
     """Where `module:function` lives, found without importing it (the recipe's folder is searched first)."""
-    mod = plan.recipe.reward_source(stage).partition(":")[0]
+    mod = reward_ref(sp).partition(":")[0]
     with _recipe_on_path(plan):
         try:
-            spec = importlib.util.find_spec(mod)
+            found = importlib.util.find_spec(mod)
         except (ImportError, ValueError):
-            spec = None
-    return Path(spec.origin) if spec and spec.origin and spec.origin != "built-in" else None
+            found = None
+    return Path(found.origin) if found and found.origin and found.origin != "built-in" else None
 
 
-def load_function(plan: Any, stage: Any) -> Any:
-    ref = plan.recipe.reward_source(stage)
+def load_function(plan: Plan, sp: StagePlan) -> Any:
+    ref = reward_ref(sp)
     mod, _, name = ref.partition(":")
     with _recipe_on_path(plan):
         fn = getattr(importlib.import_module(mod), name, None)
     if not callable(fn):
-        raise RecipeError(f"`{ref}`: module `{mod}` has no function `{name}`", f"stages.{stage.name}.reward")
+        raise RecipeError(f"`{ref}`: module `{mod}` has no function `{name}`", f"stages.{sp.name}.reward")
     return fn
 
 
 class _recipe_on_path:
-    def __init__(self, plan: Any):
+    def __init__(self, plan: Plan):
         self.dir = str(plan.recipe_path.parent)
 
     def __enter__(self) -> None:
@@ -89,14 +260,14 @@ class _recipe_on_path:
             sys.path.remove(self.dir)
 
 
-def check_reward(plan: Any, sp: Any, where: str, *, same_tokenizer: bool) -> list[tuple[str, str]]:
+def check_reward(plan: Plan, sp: StagePlan, *, same_tokenizer: bool) -> list[Problem]:
     """Plan-time: the function's module exists; a reward model folder exists, is a one-score classifier and
     (where the stage needs it) uses the policy's tokenizer. Reward stages share the recipe's base tokenizer."""
-    stage = sp.stage
-    ref = plan.recipe.reward_source(stage)
+    where = sp.where
+    ref = reward_ref(sp)
     kind = reward_kind(ref)
     if kind == "function":
-        if function_file(plan, stage) is None:
+        if function_file(plan, sp) is None:
             mod = ref.partition(":")[0]
             return [(f"{where}.reward", f"module `{mod}` not found (looked in {plan.recipe_path.parent} and sys.path)")]
         return []
@@ -115,7 +286,7 @@ def check_reward(plan: Any, sp: Any, where: str, *, same_tokenizer: bool) -> lis
             (
                 f"{where}.reward",
                 f"the reward model's tokenizer ({folder}) differs from the policy's; the value head starts from the "
-                "reward model and reads the policy's tokens, so they must share one. Train a `reward` stage instead",
+                "reward model and reads the policy's tokens, so they must share one. Train a reward stage instead",
             )
         ]
     return []
@@ -127,126 +298,31 @@ def same_vocab(a: Path, b: Path) -> bool:
     return AutoTokenizer.from_pretrained(a).get_vocab() == AutoTokenizer.from_pretrained(b).get_vocab()
 
 
-def reward_identity(plan: Any, stage: Any) -> dict[str, Any]:
+def reward_identity(plan: Plan, sp: StagePlan) -> dict[str, Any]:
     """For the fingerprint: a function's source file hash (a reward stage is an input, hashed by the pipeline)."""
-    ref = plan.recipe.reward_source(stage)
+    ref = reward_ref(sp)
     if reward_kind(ref) == "stage":
         return {"stage": ref}
     if reward_kind(ref) == "path":
         files = sorted(f for f in Path(ref).expanduser().iterdir() if f.suffix in {".json", ".safetensors"})
         return {"reward_model_files": {f.name: file_hash(f) for f in files}}  # content, not where it lies
-    f = function_file(plan, stage)
-    return {"function": plan.recipe.reward_source(stage), "sha256": file_hash(f) if f else None}
+    f = function_file(plan, sp)
+    return {"function": ref, "sha256": file_hash(f) if f else None}
 
 
-def load_reward_model(plan: Any, sp: Any) -> tuple[Any, Any]:
-    """(classifier, its tokenizer) from the reward stage's folder."""
+def reward_record(plan: Plan, sp: StagePlan) -> dict[str, Any]:
+    """The reward's part of a stage's resolved config (and so of its fingerprint)."""
+    return {"reward": reward_identity(plan, sp)}
+
+
+def load_reward_model(plan: Plan, sp: StagePlan) -> tuple[Any, Any]:
+    """(classifier, its tokenizer) from the reward stage's folder or a reward model folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.models import torch_dtype
-    from align.pipeline import input_artifact
-
-    ref = plan.recipe.reward_source(sp.stage)
+    ref = reward_ref(sp)
     art = {"path": ref} if reward_kind(ref) == "path" else input_artifact(plan, ref)
     model = AutoModelForSequenceClassification.from_pretrained(
         art["path"], dtype=torch_dtype(plan.recipe.model.dtype), use_safetensors=True
     ).eval()
     tok = AutoTokenizer.from_pretrained(art["path"])
     return model, tok
-
-
-# ---------------------------------------------------------------- stage
-
-
-def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
-    where = f"stages[{sp.index}]({sp.stage.name})"
-    _, problems = check_data(plan, sp, sp.stage.type)
-    problems += check_reward(plan, sp, where, same_tokenizer=False)
-    return problems + check_trl_args(
-        TRAINER_CONFIG[sp.stage.type], resolved_train_args(plan, sp, Path("/nonexistent")), where
-    )
-
-
-def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
-    stage = sp.stage
-    args = {
-        **TRAIN_DEFAULTS,
-        **device_args(plan.recipe.seed, plan.recipe.model.dtype),
-        **coerce_trainer_args(stage.train, TRAINER_CONFIG[stage.type]),
-        "output_dir": str(work / "checkpoints"),
-    }
-    if stage.adapter.type != "full" and "learning_rate" not in stage.train:
-        args["learning_rate"] = ADAPTER_LR
-    return args
-
-
-def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
-    out = {k: v for k, v in resolved_train_args(plan, sp, Path(".")).items() if k != "output_dir"}
-    return {**out, "reward": reward_identity(plan, sp.stage)}
-
-
-def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
-    from align.models import peft_config, plan_tokenizer
-    from align.pipeline import input_artifact, write_common
-    from align.trl_compat import trainer_class
-
-    stage = sp.stage
-    # config
-    args_dict = resolved_train_args(plan, sp, sp.partial_dir)
-    write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": args_dict})
-    args = TRAINER_CONFIG[stage.type](**args_dict)
-    source = input_artifact(plan, sp.inputs[0])
-    tokenizer = plan_tokenizer(plan)
-    chat = bool(tokenizer.chat_template)
-
-    # data
-    train_ds, _ = load_pairs(plan, stage, lambda ds, fmt: to_prompts(ds, fmt, chat=chat))
-
-    # reward + model
-    if reward_is_function(plan, stage):
-        reward_funcs, reward_tok = load_function(plan, stage), None
-    else:
-        reward_funcs, reward_tok = load_reward_model(plan, sp)
-    model = load_policy(plan, source, sp.partial_dir)
-    set_pad(model, tokenizer)
-    peft_cfg = None if stage.adapter.type == "full" else peft_config(stage.adapter)
-
-    # trainer
-    guard = Guard(out / "train_log.jsonl", sp.partial_dir)
-    trainer = trainer_class(stage.type)(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        reward_processing_classes=reward_tok,
-        peft_config=peft_cfg,
-        callbacks=[guard],
-    )
-    before = trainable_snapshot(trainer.model)
-
-    # train (every rank), then prove on every rank what rank 0 saves
-    result, _ = train(trainer, sp, guard)
-    trained = distributed.check_ranks_agree(trainer.model, sp.name, out)
-
-    # save (every rank takes part; the main process writes and verifies)
-    output, merged = save_policy(
-        trainer.model, tokenizer, out, source, trained=trained, stage=sp.name, merge=stage.merge, trainer=trainer
-    )
-    if not distributed.is_main():
-        return None
-
-    # metrics: the reward curve from the log
-    metrics = train_metrics(trainer, result, guard, before, trained)
-    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    if rewards:
-        k = max(1, min(5, len(rewards) // 2))
-        metrics.update(
-            {
-                "reward_first": sum(rewards[:k]) / k,
-                "reward_last": sum(rewards[-k:]) / k,
-                "kl_last": next((h["kl"] for h in reversed(trainer.state.log_history) if "kl" in h), None),
-            }
-        )
-    write_metrics(out, metrics)
-    return {"type": stage.type, "output": output, "merged": merged, "metrics": metrics}

@@ -1,12 +1,12 @@
 """PPO stage: align's own actor-critic PPO (`align.ppo`), since TRL 1.x ships no PPO trainer.
 
-config -> data -> model -> trainer -> train -> save -> metrics.
+config -> data -> model -> trainer -> train -> save -> metrics (its own `run`: the loop is not a TRL trainer).
 
 Policy: the previous policy stage's output (an SFT adapter folded in) with a new LoRA adapter; the frozen
-reference is the same weights with the adapter disabled. Reward: the last `reward` stage's classifier (or
+reference is the same weights with the adapter disabled. Reward: the last reward stage's classifier (or
 `reward:` a stage, a reward model folder, or `module:function`). Value model: a copy of the reward model
 whose score head, applied to every token, gives the values (InstructGPT); with a function reward it starts
-from the policy's backbone with a zero head. Runs under `accelerate launch` like every stage.
+from the policy's backbone with a zero head. Runs under `accelerate launch` like every stage (DDP only).
 """
 
 from __future__ import annotations
@@ -14,72 +14,112 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from align import distributed
 from align.data import to_prompts
 from align.errors import RecipeError
+from align.memory import StageMemoryInput, Workload
+from align.models import peft_config, plan_tokenizer
 from align.ppo import PPOConfig
-from align.stages._train import (
-    Guard,
-    check_data,
-    device_args,
-    load_pairs,
-    load_policy,
-    save_policy,
-    set_pad,
-    write_metrics,
+from align.rundir import Plan, StagePlan, input_artifact, latest_checkpoint, write_common, write_metrics
+from align.stages._train import Guard, check_data, device_args, load_pairs, load_policy, save_policy, set_pad
+from align.stages.base import Default, Problem, Record, apply_defaults
+from align.stages.online import (
+    OnlineRL,
+    OnlineSpec,
+    check_reward,
+    load_function,
+    load_reward_model,
+    reward_is_function,
+    reward_record,
 )
-from align.stages.online import check_reward, load_function, load_reward_model, reward_identity, reward_is_function
 from align.trl_compat import check_trainer_args, coerce_trainer_args
 
-TRAINER_CONFIG = PPOConfig
-ADAPTER_LR = 1e-4  # PPOConfig's 1e-5 suits full weights; a LoRA policy wants more
-VALUE_LR = 1e-5  # the value model is a full copy of the reward model: full-weight rate
 MAX_PROMPT_TOKENS = 512  # longer prompts are skipped (counted in metrics.json)
 
 
-def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
-    problems = check_trainer_args(stage.train, PPOConfig, f"{path}.train")
-    if stage.adapter.type not in ("lora", "dora"):
-        problems.append(
-            (
-                f"{path}.adapter.type",
-                "ppo trains a `lora` or `dora` adapter on the policy (the reference is the same weights with the "
-                "adapter disabled, so no second copy is held)",
+class PPOSpec(OnlineSpec):
+    type: Literal["ppo"]
+    train: dict[str, Any] = Field(default_factory=dict, description="align.ppo.PPOConfig fields")
+
+
+class PPO(OnlineRL):
+    name = "ppo"
+    spec = PPOSpec
+    trainer_config = PPOConfig
+    memory = Workload(generates=True, value_model=True, shardable=False)
+    defaults = (
+        Default("learning_rate", 1e-4, "PPOConfig's 1e-5 suits full weights; a LoRA policy wants more"),
+        Default("value_learning_rate", 1e-5, "the value model is a full copy of the reward model: full-weight rate"),
+    )
+
+    def check_args(self, spec: PPOSpec, where: str) -> list[Problem]:
+        problems = check_trainer_args(spec.train, PPOConfig, f"{where}.train")
+        if spec.adapter.type not in ("lora", "dora"):
+            problems.append(
+                (
+                    f"{where}.adapter.type",
+                    "ppo trains a `lora` or `dora` adapter on the policy (the reference is the same weights with the "
+                    "adapter disabled, so no second copy is held)",
+                )
             )
+        return problems
+
+    def check(self, plan: Plan, sp: StagePlan) -> list[Problem]:
+        _, problems = check_data(plan, sp, self.formats)
+        problems += check_reward(plan, sp, same_tokenizer=True)
+        try:
+            config(plan, sp)
+        except (ValueError, TypeError) as e:
+            problems.append((f"{sp.where}.train", str(e).splitlines()[0]))
+        return problems
+
+    def resolved_config(self, plan: Plan, sp: StagePlan) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(config(plan, sp)),
+            "device": device_args(plan.recipe.seed, plan.recipe.model.dtype),
+            **reward_record(plan, sp),
+        }
+
+    def batch(self, plan: Plan, sp: StagePlan) -> tuple[int, int]:
+        return config(plan, sp).batch_size, 1  # prompts per rollout step per process
+
+    def launch_problems(self, info: Any, where: str) -> list[Problem]:
+        if info.distributed_type not in ("DEEPSPEED", "FSDP"):
+            return []
+        return [
+            (
+                f"{where}.launch.accelerate_config",
+                "align's PPO runs under DDP only: it holds policy, value and reward models unsharded and "
+                "steps two optimizers, which accelerate's DeepSpeed/FSDP wrap does not take; use multi_gpu "
+                "(or multi_cpu), or a `grpo`/`rloo` stage (TRL) under DeepSpeed",
+            )
+        ]
+
+    def memory_input(self, plan: Plan, sp: StagePlan, common: dict[str, Any]) -> StageMemoryInput:
+        cfg = config(plan, sp)
+        return StageMemoryInput(
+            self.memory,
+            **common,
+            seq_len=MAX_PROMPT_TOKENS,
+            gen_tokens=cfg.max_new_tokens,
+            reward_model=not reward_is_function(sp),
         )
-    return problems
+
+    def run(self, plan: Plan, sp: StagePlan, out: Path) -> Record | None:
+        return run(plan, sp, out)
 
 
-def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
-    where = f"stages[{sp.index}]({sp.stage.name})"
-    _, problems = check_data(plan, sp, "ppo")
-    problems += check_reward(plan, sp, where, same_tokenizer=True)
-    try:
-        config(plan, sp)
-    except (ValueError, TypeError) as e:
-        problems.append((f"{where}.train", str(e).splitlines()[0]))
-    return problems
-
-
-def config(plan: Any, sp: Any) -> PPOConfig:
+def config(plan: Plan, sp: StagePlan) -> PPOConfig:
     args = {
         "seed": plan.recipe.seed,
-        "learning_rate": ADAPTER_LR,
-        "value_learning_rate": VALUE_LR,
+        **apply_defaults(PPO.defaults, sp.stage.adapter.type),
         **coerce_trainer_args(sp.stage.train, PPOConfig),
     }
     return PPOConfig(**args)
-
-
-def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
-    cfg = dataclasses.asdict(config(plan, sp))
-    return {
-        **cfg,
-        "device": device_args(plan.recipe.seed, plan.recipe.model.dtype),
-        "reward": reward_identity(plan, sp.stage),
-    }
 
 
 def encode_prompts(ds: Any, tokenizer: Any) -> tuple[list[list[int]], int]:
@@ -129,13 +169,11 @@ def function_reward(fn: Any, tokenizer: Any) -> Any:
     return score
 
 
-def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
+def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
     import torch
     from accelerate import Accelerator
     from peft import get_peft_model
 
-    from align.models import peft_config, plan_tokenizer
-    from align.pipeline import input_artifact, latest_checkpoint, write_common
     from align.ppo import PPOTrainer, ValueModel
 
     stage = sp.stage
@@ -156,7 +194,7 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
         )
 
     # data
-    prompts_ds, _ = load_pairs(plan, stage, lambda ds, fmt: to_prompts(ds, fmt, chat=chat))
+    prompts_ds, _ = load_pairs(plan, stage, PPO.formats, lambda ds, fmt: to_prompts(ds, fmt, chat=chat))
     prompts, skipped = encode_prompts(prompts_ds, tokenizer)
     if not prompts:
         raise RecipeError(f"every prompt is longer than {MAX_PROMPT_TOKENS} tokens", f"stages.{stage.name}.data")
@@ -165,8 +203,8 @@ def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
     # each model is read from disk once; the value model trains a copy of what it starts from
     policy = load_policy(plan, source, sp.partial_dir)
     set_pad(policy, tokenizer)
-    if reward_is_function(plan, stage):
-        reward_fn = function_reward(load_function(plan, stage), tokenizer)
+    if reward_is_function(sp):
+        reward_fn = function_reward(load_function(plan, sp), tokenizer)
         value = ValueModel.from_causal_lm(copy.deepcopy(policy))
     else:
         classifier, _ = load_reward_model(plan, sp)

@@ -1,6 +1,6 @@
 """Reward-model stage on TRL's RewardTrainer: a one-score sequence classifier trained on preference pairs.
 
-config -> data -> model -> trainer -> train -> save -> metrics.
+config -> data -> model -> trainer -> train -> save -> metrics (the skeleton in `align.stages._trl`).
 
 The input is the last policy stage (the SFT model, as in InstructGPT) or `from:`; an adapter input is
 folded into its base first. The output is always a merged reward model in safetensors (`model/`), loaded
@@ -12,56 +12,134 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from align import distributed
-from align.data import to_preference
-from align.stages._train import (
-    LORA_LEARNING_RATE,
-    TRAIN_DEFAULTS,
-    Guard,
-    check_data,
-    check_trl_args,
-    device_args,
-    load_pairs,
-    set_pad,
-    train,
-    train_metrics,
-    trainable_snapshot,
-    write_metrics,
-)
-from align.trl_compat import RewardConfig, check_trainer_args, coerce_trainer_args
+from align.data import PAIR_FORMATS, to_preference
+from align.errors import StageFailed
+from align.memory import Workload
+from align.models import torch_dtype
+from align.rundir import Plan, StagePlan
+from align.spec import TrainSpec
+from align.stages._train import input_folder, save_policy, set_pad
+from align.stages._trl import TRAIN_DEFAULTS, TRLStage
+from align.stages.base import Default, fmt, loss_line
+from align.trl_compat import RewardConfig
 
-TRAINER_CONFIG = RewardConfig
 AUTO_HOLDOUT = 0.1
 
 
-def check_args(stage: Any, path: str) -> list[tuple[str, str]]:
-    problems = check_trainer_args(stage.train, TRAINER_CONFIG, f"{path}.train")
-    if stage.adapter.type == "qlora":
-        problems.append((f"{path}.adapter.type", "reward stages take `lora`, `dora` or `full`"))
-    return problems
+class RewardSpec(TrainSpec):
+    """A reward model (sequence classifier, one score) on preference pairs, via TRL's RewardTrainer.
+
+    Its input defaults to the last policy stage (the SFT model, as in InstructGPT); it writes a merged
+    reward model that online RL stages read."""
+
+    type: Literal["reward"]
+    train: dict[str, Any] = Field(default_factory=dict, description="TRL RewardConfig fields, by their TRL names")
 
 
-def check(plan: Any, sp: Any) -> list[tuple[str, str]]:
-    where = f"stages[{sp.index}]({sp.stage.name})"
-    _, problems = check_data(plan, sp, "reward")
-    return problems + check_trl_args(RewardConfig, resolved_train_args(plan, sp, Path("/nonexistent")), where)
+class Reward(TRLStage):
+    name = "reward"
+    spec = RewardSpec
+    formats = PAIR_FORMATS
+    trainer_config = RewardConfig
+    trainer_name = "RewardTrainer"
+    produces_reward = True
+    evaluate_before = True
+    peft_task = "SEQ_CLS"
+    memory = Workload(sequences_per_example=2, score_head=True)
+    defaults = (
+        *TRAIN_DEFAULTS,
+        Default("learning_rate", 2e-4, "a new score head and an adapter want ~10x the full-weight rate", "adapter"),
+        Default("learning_rate", 1e-5, "full fine-tuning of a reward model: InstructGPT's order of magnitude", "full"),
+    )
 
+    def convert(self, ds: Any, fmt: str, *, chat: bool, spec: Any, tok: Any) -> Any:
+        return to_preference(ds, fmt, chat=chat)
 
-def resolved_train_args(plan: Any, sp: Any, work: Path) -> dict[str, Any]:
-    stage = sp.stage
-    return {
-        **TRAIN_DEFAULTS,
-        **device_args(plan.recipe.seed, plan.recipe.model.dtype),
-        "learning_rate": LORA_LEARNING_RATE if stage.adapter.type != "full" else 1e-5,
-        **coerce_trainer_args(stage.train, RewardConfig),
-        "output_dir": str(work / "checkpoints"),
-    }
+    def load_data(self, plan: Plan, sp: StagePlan, tokenizer: Any) -> tuple[Any, Any, str | None]:
+        train_ds, eval_ds, _ = super().load_data(plan, sp, tokenizer)
+        return holdout(train_ds, eval_ds, plan.recipe.seed)
 
+    def load_model(self, plan: Plan, sp: StagePlan, source: dict[str, Any], tokenizer: Any) -> Any:
+        """A one-label sequence classifier on the input model's backbone (its head is new, seeded)."""
+        folder = input_folder(plan, source, sp.partial_dir, always=True)  # the classifier loads from a folder
+        model = classifier_from(plan, folder, seed=plan.recipe.seed)
+        set_pad(model, tokenizer)
+        return model
 
-def resolved_config(plan: Any, sp: Any) -> dict[str, Any]:
-    return {k: v for k, v in resolved_train_args(plan, sp, Path(".")).items() if k != "output_dir"}
+    def save(
+        self,
+        plan: Plan,
+        sp: StagePlan,
+        trl_trainer: Any,
+        tokenizer: Any,
+        out: Path,
+        source: dict[str, Any],
+        trained: dict[str, Any],
+    ) -> tuple[dict[str, Any], str | None]:
+        """Always a merged classifier, so online RL stages load it with transformers alone.
+
+        With an adapter: the gathered adapter is written and verified, then the main process folds it into a
+        fresh copy of the input classifier (never the sharded in-training one) and checks the merged model."""
+        from peft import PeftModel
+
+        output = {"kind": "reward_model", "path": "model", "loader": "transformers.AutoModelForSequenceClassification"}
+        model = trl_trainer.model
+        if not hasattr(model, "peft_config"):
+            save_policy(model, tokenizer, out, source, trained=trained, stage=sp.name, merge=False, trainer=trl_trainer)
+            return output, None
+        adapter_dir = sp.partial_dir / "reward-adapter"
+        save_policy(model, tokenizer, adapter_dir, source, trained=trained, stage=sp.name, merge=False)
+        folder = input_folder(plan, source, sp.partial_dir, always=True)  # every rank: it may wait at a barrier
+        if distributed.is_main():
+            with distributed.no_zero_init():
+                base = classifier_from(plan, folder, seed=plan.recipe.seed)
+                set_pad(base, tokenizer)
+                merged = PeftModel.from_pretrained(base, adapter_dir / "adapter").merge_and_unload()
+            merged.save_pretrained(out / "model", safe_serialization=True)
+            tokenizer.save_pretrained(out / "model")
+            saved = distributed.saved_tensors(out / "model")
+            if not saved or any(t.numel() == 0 for t in saved.values()):
+                raise StageFailed(f"stage `{sp.name}`: the merged reward model in {out / 'model'} is empty or broken")
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            shutil.rmtree(sp.partial_dir / "input-merged", ignore_errors=True)
+        return output, None
+
+    def stage_metrics(
+        self,
+        plan: Plan,
+        sp: StagePlan,
+        trl_trainer: Any,
+        eval_ds: Any,
+        ev_before: dict[str, Any],
+        heldout: str | None,
+        common: dict[str, Any],
+    ) -> dict[str, Any]:
+        m: dict[str, Any] = {"heldout": heldout}
+        if eval_ds is not None:
+            ev = trl_trainer.evaluate()
+            m.update(
+                {
+                    "eval_pairs": len(eval_ds),
+                    "eval_accuracy": ev.get("eval_accuracy"),
+                    "eval_margin": ev.get("eval_margin"),
+                    "eval_loss": ev.get("eval_loss"),
+                    "eval_accuracy_before": ev_before.get("eval_accuracy"),
+                    "eval_margin_before": ev_before.get("eval_margin"),
+                }
+            )
+        return m
+
+    def headline(self, m: dict[str, Any]) -> str:
+        acc = f"{fmt(m, 'eval_accuracy_before')} -> {fmt(m, 'eval_accuracy')}, margin {fmt(m, 'eval_margin')}"
+        return f"{loss_line(m)}; held-out accuracy {acc}"
+
+    def writes(self, spec: Any) -> str:
+        return "reward model/ (merged classifier)"
 
 
 def holdout(train_ds: Any, eval_ds: Any, seed: int) -> tuple[Any, Any, str]:
@@ -74,20 +152,8 @@ def holdout(train_ds: Any, eval_ds: Any, seed: int) -> tuple[Any, Any, str]:
     return parts["train"], parts["test"], f"auto: {AUTO_HOLDOUT:.0%} of the pairs"
 
 
-def load_classifier(plan: Any, source: dict[str, Any], work: Path, tokenizer: Any) -> Any:
-    """A one-label sequence classifier on the input model's backbone (its head is new, seeded)."""
-    from align.stages._train import input_folder
-
-    folder = input_folder(plan, source, work, always=True)  # the classifier loads from a folder
-    model = classifier_from(plan, folder, seed=plan.recipe.seed)
-    set_pad(model, tokenizer)
-    return model
-
-
-def classifier_from(plan: Any, folder: Path, *, seed: int) -> Any:
+def classifier_from(plan: Plan, folder: Path, *, seed: int) -> Any:
     from transformers import AutoModelForSequenceClassification, set_seed
-
-    from align.models import torch_dtype
 
     set_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(
@@ -97,101 +163,3 @@ def classifier_from(plan: Any, folder: Path, *, seed: int) -> Any:
         use_safetensors=True,
         trust_remote_code=plan.recipe.model.trust_remote_code,
     )
-
-
-def save_reward_model(
-    plan: Any, sp: Any, trainer: Any, tokenizer: Any, out: Path, source: dict[str, Any], trained: dict[str, Any]
-) -> None:
-    """Always a merged classifier, so PPO/GRPO load it with transformers alone.
-
-    With an adapter: the gathered adapter is written and verified, then the main process folds it into a
-    fresh copy of the input classifier (never the sharded in-training one) and the merged model is checked
-    against the adapter's parameter count."""
-    from peft import PeftModel
-
-    from align.stages._train import input_folder, save_policy
-
-    if not hasattr(trainer.model, "peft_config"):
-        save_policy(trainer.model, tokenizer, out, source, trained=trained, stage=sp.name, merge=False, trainer=trainer)
-        return
-    adapter_dir = sp.partial_dir / "reward-adapter"
-    save_policy(trainer.model, tokenizer, adapter_dir, source, trained=trained, stage=sp.name, merge=False)
-    folder = input_folder(plan, source, sp.partial_dir, always=True)  # every rank: it may wait at a barrier
-    if distributed.is_main():
-        with distributed.no_zero_init():
-            base = classifier_from(plan, folder, seed=plan.recipe.seed)
-            set_pad(base, tokenizer)
-            merged = PeftModel.from_pretrained(base, adapter_dir / "adapter").merge_and_unload()
-        merged.save_pretrained(out / "model", safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
-        saved = distributed.saved_tensors(out / "model")
-        empty = [k for k, t in saved.items() if t.numel() == 0]
-        if not saved or empty:
-            from align.errors import StageFailed
-
-            raise StageFailed(f"stage `{sp.name}`: the merged reward model in {out / 'model'} is empty or broken")
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        shutil.rmtree(sp.partial_dir / "input-merged", ignore_errors=True)
-
-
-def run(plan: Any, sp: Any, out: Path) -> dict[str, Any] | None:
-    from align.models import peft_config, plan_tokenizer
-    from align.pipeline import input_artifact, write_common
-    from align.trl_compat import trainer_class
-
-    stage, recipe = sp.stage, plan.recipe
-    # config
-    args_dict = resolved_train_args(plan, sp, sp.partial_dir)
-    write_common(sp, plan, out, {"stage": stage.model_dump(mode="json", by_alias=True), "train_args": args_dict})
-    args = RewardConfig(**args_dict)
-    source = input_artifact(plan, sp.inputs[0])
-    tokenizer = plan_tokenizer(plan)
-    chat = bool(tokenizer.chat_template)
-
-    # data
-    train_ds, eval_ds = load_pairs(plan, stage, lambda ds, fmt: to_preference(ds, fmt, chat=chat))
-    train_ds, eval_ds, heldout = holdout(train_ds, eval_ds, recipe.seed)
-
-    # model
-    model = load_classifier(plan, source, sp.partial_dir, tokenizer)
-    peft_cfg = None if stage.adapter.type == "full" else peft_config(stage.adapter, task_type="SEQ_CLS")
-
-    # trainer
-    guard = Guard(out / "train_log.jsonl", sp.partial_dir)
-    trainer = trainer_class("reward")(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_cfg,
-        callbacks=[guard],
-    )
-    before = trainable_snapshot(trainer.model)
-
-    # train (the "before" evaluation runs once the model is wrapped, on every rank)
-    result, ev_before = train(trainer, sp, guard, evaluate_before=eval_ds is not None)
-    trained = distributed.check_ranks_agree(trainer.model, sp.name, out)
-
-    # metrics (every rank takes part in the evaluation)
-    metrics = train_metrics(trainer, result, guard, before, trained)
-    metrics["heldout"] = heldout
-    if eval_ds is not None:
-        ev = trainer.evaluate()
-        metrics.update(
-            {
-                "eval_pairs": len(eval_ds),
-                "eval_accuracy": ev.get("eval_accuracy"),
-                "eval_margin": ev.get("eval_margin"),
-                "eval_loss": ev.get("eval_loss"),
-                "eval_accuracy_before": ev_before.get("eval_accuracy"),
-                "eval_margin_before": ev_before.get("eval_margin"),
-            }
-        )
-    # save
-    save_reward_model(plan, sp, trainer, tokenizer, out, source, trained)
-    if not distributed.is_main():
-        return None
-    write_metrics(out, metrics)
-    output = {"kind": "reward_model", "path": "model", "loader": "transformers.AutoModelForSequenceClassification"}
-    return {"type": "reward", "output": output, "metrics": metrics}
