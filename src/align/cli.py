@@ -91,6 +91,40 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="first N items of each task (per subject for MMLU)")
     ev.add_argument("--out", default="runs/eval", help="folder for metrics.json, summary.md (default runs/eval)")
     ev.add_argument("--baseline", help="gate: compare with this metrics.json; exit 1 on regression")
+    push = sub.add_parser(
+        "push",
+        help="push a finished stage (adapter, merged model or reward model) with its model card",
+        description="SOURCE: a run folder (its last policy stage) or a stage folder. The token comes from HF_TOKEN "
+        "or `hf auth login`; it is checked (reachable, accepted, allowed to write) before anything is uploaded. "
+        "Exit 2 on any refusal, with nothing uploaded.",
+    )
+    push.add_argument("source", metavar="RUN_OR_STAGE_DIR")
+    where = push.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repo-id", metavar="ORG/NAME", help="the hub repository (created if absent)")
+    where.add_argument("--to", metavar="URL", help="a folder, file:///... or fsspec URL (s3://...) instead of the hub")
+    push.add_argument(
+        "--what",
+        default="adapter",
+        help="adapter (default: the peft adapter), merged (folded into the base) or reward (a reward stage's model)",
+    )
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if absent)")
+    push.add_argument("--base-model", metavar="ORG/NAME", help="the base's hub id, when the run's model is local")
+    push.add_argument("--message", help="commit message (default names the recipe and stage)")
+    push.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write the exact folder (files and card) that would be pushed, and say where",
+    )
+    merge = sub.add_parser(
+        "merge",
+        help="fold a LoRA/DoRA/QLoRA adapter into its base: safetensors + tokenizer, loadable by transformers alone",
+    )
+    merge.add_argument("source", metavar="ADAPTER_OR_STAGE_DIR")
+    merge.add_argument("--out", required=True, metavar="DIR", help="an empty or new folder")
+    merge.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
+    report = sub.add_parser("report", help="write runs/<run>/report.md and its plots (align run does this at the end)")
+    report.add_argument("run_dir", metavar="RUN_DIR")
     cmp = sub.add_parser(
         "compare",
         help="regression gate: compare metrics with a baseline (exit 1 on regression)",
@@ -151,6 +185,22 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "push":
+            return cmd_push(args)
+        if args.command == "merge":
+            from pathlib import Path
+
+            from align.merge import merge
+
+            print(f"merged model: {merge(Path(args.source), Path(args.out), dtype=args.dtype)}")
+            return 0
+        if args.command == "report":
+            from pathlib import Path
+
+            from align.report import write_report
+
+            print(f"report: {write_report(Path(args.run_dir))}")
+            return 0
         if args.command == "stage":
             from align.pipeline import execute_stage
 
@@ -193,6 +243,65 @@ def cmd_eval(args: Any) -> int:
     if args.baseline:
         args.current, args.tolerance = args.out, []
         return cmd_compare(args)
+    return 0
+
+
+def cmd_push(args: Any) -> int:
+    import json
+    from pathlib import Path
+
+    from align.errors import RecipeError
+    from align.rundir import read_stage_json
+    from align.stages.push import WHAT, ship
+    from align.stages.reward import PUSH_WHAT
+
+    if args.what not in WHAT:
+        raise RecipeError(f"`{args.what}` is not one of {', '.join(WHAT)}", "--what")
+
+    src = Path(args.source).resolve()
+    if not src.is_dir():
+        raise RecipeError(f"{src} is not a folder", "RUN_OR_STAGE_DIR")
+    if (src / "stage.json").is_file() or (src.parent / "run.json").is_file():
+        run_dir, stage = src.parent, src.name  # a stage folder (done or not: `ship` refuses one not done)
+    else:  # a run folder: its last policy stage (or reward stage, for --what reward)
+        run_dir = src
+        want = "produces_reward" if args.what == PUSH_WHAT else "produces_policy"
+        rec = json.loads((src / "run.json").read_text()) if (src / "run.json").is_file() else {"stages": []}
+        names = [s["name"] for s in rec["stages"]]
+        done = [n for n in names if (info := read_stage_json(src / n)) and (info.get("traits") or {}).get(want)]
+        if not done:
+            raise RecipeError(f"{src} has no finished stage to push as `{args.what}`", "RUN_OR_STAGE_DIR")
+        stage = done[-1]
+    base = args.base_model
+    if base is None and (run_dir / "run.json").is_file():
+        base = json.loads((run_dir / "run.json").read_text()).get("base_model", {}).get("hub_id")
+    if base is None and args.what == "adapter":
+        raise RecipeError(
+            "the run's base model is a local folder: a pushed adapter must name its base on the hub; pass "
+            "--base-model ORG/NAME, or push --what merged",
+            "--base-model",
+        )
+    target = args.repo_id or args.to
+    message = args.message or f"align: {args.what} of stage `{stage}` of run `{run_dir.name}`"
+    dest = run_dir / ".push" / stage if not args.dry_run else run_dir / "push-dry-run" / stage
+    out = ship(
+        run_dir,
+        stage,
+        args.what,
+        target,
+        dest,
+        base_hub_id=base,
+        commit_message=message,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+    )
+    if not args.dry_run:
+        import shutil
+
+        shutil.rmtree(dest.parent, ignore_errors=True)
+    done = "dry run: would push" if args.dry_run else "pushed"
+    print(f"{done} {out['files']} files ({out['bytes']} bytes) -> {out['url']}")
     return 0
 
 
@@ -385,7 +494,10 @@ def cmd_run(args: Any) -> int:
         plan.recipe.stage(args.only)
     print(render_plan(plan), flush=True)
     rows = run(plan, force=set(args.force), only=args.only)
-    print(render_summary(plan, rows, time.time() - t0), flush=True)
+    from align.report import write_report
+
+    report = write_report(plan.run_dir)
+    print(render_summary(plan, rows, time.time() - t0) + f"\n\nreport: {report}", flush=True)
     return 0
 
 

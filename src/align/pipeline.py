@@ -193,6 +193,9 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
     if plan.base.path is None:  # convert the embedded model or download from the hub once, before any stage
         plan.base = resolve_model(plan.recipe.model.name_or_path, plan.recipe.model.revision, materialize=True)
     check_hub_datasets(plan)
+    for sp in plan.stages:  # network and credentials (a push target, say): before anything trains
+        if sp.status != "done" and (not only or sp.name == only):
+            stage_of(sp.stage).preflight(plan, sp)
     rows = []
     # On a multi-node run every node runs `align run` over a shared run folder: node 0 holds the run lock and
     # finalizes; the other nodes take part in each stage, then wait until node 0 has marked it done.
@@ -412,8 +415,10 @@ def execute_stage(
             marker.write_text(sp.fingerprint or "")
         distributed.barrier()  # the other ranks start only once the partial folder is in place
         out = sp.partial_dir / "out"
-        record = stage_of(sp.stage).run(plan, sp, out)
+        kind = stage_of(sp.stage)
+        record = kind.run(plan, sp, out)
         if main and record is not None:
+            record["traits"] = kind.traits()  # the folder says what made it (the report and card read this)
             finalize(sp, out, record, plan.base)
             print(f"[align] {sp.name}: done -> {sp.final_dir}", flush=True)
 

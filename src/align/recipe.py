@@ -53,7 +53,8 @@ class Recipe(RecipeSpec):
                 if ref not in self.datasets:
                     hint = did_you_mean(ref, self.datasets) or f"; defined: {', '.join(self.datasets) or 'none'}"
                     problems.append((f"{where}.{field}", f"unknown dataset `{ref}`{hint}"))
-            if st.source is not None and st.source in seen and not stage_of(self.stage(st.source)).produces_policy:
+            source_kind = stage_of(self.stage(st.source)) if st.source in seen else None
+            if source_kind is not None and kind.source_must_be_policy and not source_kind.produces_policy:
                 problems.append(
                     (f"{where}.from", f"`{st.source}` is a `{self.stage(st.source).type}` stage, not a policy model")
                 )

@@ -61,6 +61,8 @@ class Stage:
     produces_policy: ClassVar[bool] = False  # its output is the next stage's model (and an eval target)
     produces_reward: ClassVar[bool] = False  # its output is a reward model online RL stages read
     follows_cli_launch: ClassVar[bool] = True  # `align run --accelerate-config` sets its launch
+    source_must_be_policy: ClassVar[bool] = True  # `from:` names a policy stage (or `base`)
+    evaluates: ClassVar[bool] = False  # it scores models (its output is metrics, not a model)
     path_fields: ClassVar[tuple[str, ...]] = ()  # fields that may name a file: `./x` is relative to the recipe
 
     # ------------------------------------------------------------ recipe time (no files touched)
@@ -83,6 +85,9 @@ class Stage:
         return [spec.source or default_source]
 
     # ------------------------------------------------------------ plan time
+
+    def preflight(self, plan: Plan, sp: StagePlan) -> None:
+        """Checks that need the network or credentials, run by `align run` before any stage (raise RecipeError)."""
 
     def check(self, plan: Plan, sp: StagePlan) -> list[Problem]:
         raise NotImplementedError
@@ -129,6 +134,17 @@ class Stage:
         raise NotImplementedError
 
     # ------------------------------------------------------------ presentation
+
+    def traits(self) -> dict[str, Any]:
+        """What stage.json records of the type, so a run folder describes itself without align's registry."""
+        return {
+            "evaluates": self.evaluates,
+            "online_rl": self.memory.generates,
+            "produces_policy": self.produces_policy,
+            "produces_reward": self.produces_reward,
+            "trainer": getattr(self, "trainer_name", None)
+            or (self.trainer_config.__name__ if self.trainer_config else None),
+        }
 
     def describe_inputs(self, sp: StagePlan) -> str:
         """The plan table's input column."""

@@ -64,6 +64,7 @@ class Eval(Stage):
     spec = EvalSpec
     formats = TEXT_FORMATS
     memory = Workload(training=False)
+    evaluates = True
     follows_cli_launch = False  # `align run --accelerate-config` sets the training stages; eval keeps its `launch:`
 
     def check_args(self, spec: EvalSpec, where: str) -> list[Problem]:

@@ -32,6 +32,8 @@ from align.stages._trl import TRAIN_DEFAULTS, TRLStage
 from align.stages.base import Default, Problem, Stage, fmt
 from align.trl_compat import GRPOConfig, RLOOConfig
 
+TRL_REWARD_KEY = "reward"  # what TRL's GRPO/RLOO trainers log the mean reward as
+
 
 class OnlineSpec(TrainSpec):
     """On-policy RL from prompts. `reward` names a reward stage, a reward model folder (./path), or a Python
@@ -150,7 +152,7 @@ class OnlineRL(TRLStage):
     ) -> dict[str, Any]:
         """The reward curve from the trainer's log."""
         history = trl_trainer.state.log_history
-        rewards = [h["reward"] for h in history if "reward" in h]
+        rewards = [h[TRL_REWARD_KEY] for h in history if TRL_REWARD_KEY in h]
         if not rewards:
             return {}
         k = max(1, min(5, len(rewards) // 2))

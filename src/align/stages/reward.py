@@ -29,6 +29,7 @@ from align.stages.base import Default, fmt, loss_line
 from align.trl_compat import RewardConfig
 
 AUTO_HOLDOUT = 0.1
+PUSH_WHAT = "reward"  # `align push --what reward` ships a reward stage's model
 
 
 class RewardSpec(TrainSpec):
