@@ -8,10 +8,13 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from align import __version__
 from align.errors import AlignError
+
+if TYPE_CHECKING:
+    from align.rundir import Plan
 
 EPILOG = """\
 overrides: KEY.PATH=VALUE pairs after the recipe, YAML-typed, e.g.
@@ -372,7 +375,7 @@ def launch_args(args: Any) -> dict[str, Any]:
     return {"launch_config": args.accelerate_config, "launch_processes": args.num_processes}
 
 
-def plan_json(plan: Any, memory: dict[str, Any] | None = None, gpu_bytes: int | None = None) -> dict[str, Any]:
+def plan_json(plan: Plan, memory: dict[str, Any] | None = None, gpu_bytes: int | None = None) -> dict[str, Any]:
     """The whole plan as data: stages, links, status, launch, global batch, memory estimate (bytes)."""
     from align.launch import global_batch
     from align.stages.registry import stage_of
@@ -431,7 +434,7 @@ def plan_json(plan: Any, memory: dict[str, Any] | None = None, gpu_bytes: int | 
     }
 
 
-def render_plan(plan: Any, memory: dict[str, Any] | None = None, *, defaults: bool = False) -> str:
+def render_plan(plan: Plan, memory: dict[str, Any] | None = None, *, defaults: bool = False) -> str:
     from align.stages.registry import stage_of
 
     base = plan.base
@@ -501,7 +504,7 @@ def cmd_run(args: Any) -> int:
     return 0
 
 
-def render_summary(plan: Any, rows: list[dict[str, Any]], seconds: float) -> str:
+def render_summary(plan: Plan, rows: list[dict[str, Any]], seconds: float) -> str:
     """The closing table: what ran, how long, headline metrics, where the outputs are."""
     from align.rundir import read_stage_json
     from align.stages.registry import stage_of

@@ -100,7 +100,7 @@ def load_pairs(plan: Plan, stage: Any, formats: tuple[str, ...], convert: Any) -
 # ---------------------------------------------------------------- model
 
 
-def load_policy(plan: Any, source: dict[str, Any], work: Path | None = None, **kw: Any) -> Any:
+def load_policy(plan: Plan, source: dict[str, Any], work: Path | None = None, **kw: Any) -> Any:
     """The causal LM a stage starts from: the base folder, or an earlier stage's adapter folded into its base."""
     from align.models import load_causal_lm
 
@@ -124,7 +124,7 @@ def zero3() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def input_folder(plan: Any, source: dict[str, Any], work: Path | None, *, always: bool = False) -> Path | None:
+def input_folder(plan: Plan, source: dict[str, Any], work: Path | None, *, always: bool = False) -> Path | None:
     """A folder holding the whole input model. An adapter input is folded into its base by the main process
     alone and saved once (under ZeRO-3 a fold in every rank would load partitioned weights); the other ranks
     wait, then every rank loads the folder. None: fold in memory instead (no ZeRO-3 and not `always`)."""
@@ -191,7 +191,7 @@ class EvalBefore(TrainerCallback):
             self.metrics = next((h for h in state.log_history if h.get("step") == 0 and "eval_loss" in h), {})
 
 
-def train(trainer: Any, sp: Any, guard: Guard, *, evaluate_before: bool = False) -> tuple[Any, dict[str, Any]]:
+def train(trainer: Any, sp: StagePlan, guard: Guard, *, evaluate_before: bool = False) -> tuple[Any, dict[str, Any]]:
     """Resume from the newest complete checkpoint of this exact configuration; Ctrl-C saves and stops.
 
     Returns the train result and, with `evaluate_before`, the held-out metrics before the first step."""
