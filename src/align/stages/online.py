@@ -95,7 +95,7 @@ class OnlineRL(TRLStage):
             return [
                 (
                     f"{where}.reward",
-                    f"a `{spec.type}` stage needs a reward: add a reward stage before it, or set "
+                    f"a `{spec.type}` stage needs a reward: add a `type: reward` stage before it, or set "
                     "`reward: module:function`",
                 )
             ]
