@@ -7,6 +7,7 @@ common arguments, how it saves, which metrics it adds); PPO and eval implement `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +42,17 @@ TRAIN_DEFAULTS: tuple[Default, ...] = (
     Default("activation_checkpointing", False, "recompute costs ~30% speed; turn on for models that do not fit"),
     Default("dataloader_num_workers", 0, "worker processes buy nothing on small tokenized sets and fork CUDA"),
 )
+
+
+@dataclass
+class Trained:
+    """What a stage's own metrics are read from once training is over."""
+
+    trainer: Any  # the TRL trainer
+    eval_ds: Any  # the held-out set, or None
+    before: dict[str, Any]  # held-out metrics before the first step (with `evaluate_before`)
+    heldout: str | None  # where the held-out set came from
+    common: dict[str, Any]  # the metrics every training stage records (train_metrics)
 
 
 class TRLStage(Stage):
@@ -143,7 +155,7 @@ class TRLStage(Stage):
 
         # metrics (a held-out evaluation is a collective: every rank)
         metrics = train_metrics(trl_trainer, result, guard, before, trained)
-        metrics.update(self.stage_metrics(plan, sp, trl_trainer, eval_ds, ev_before, heldout, metrics))
+        metrics.update(self.stage_metrics(plan, sp, Trained(trl_trainer, eval_ds, ev_before, heldout, metrics)))
         if not distributed.is_main():
             return None
         write_metrics(out, metrics)
@@ -198,15 +210,6 @@ class TRLStage(Stage):
             trainer=trl_trainer,
         )
 
-    def stage_metrics(
-        self,
-        plan: Plan,
-        sp: StagePlan,
-        trl_trainer: Any,
-        eval_ds: Any,
-        ev_before: dict[str, Any],
-        heldout: str | None,
-        common: dict[str, Any],
-    ) -> dict[str, Any]:
+    def stage_metrics(self, plan: Plan, sp: StagePlan, t: Trained) -> dict[str, Any]:
         """Hook: the stage type's own metrics (called on every rank: a held-out evaluation is a collective)."""
         return {}

@@ -28,7 +28,7 @@ from align.memory import StageMemoryInput, Workload
 from align.models import torch_dtype
 from align.rundir import Plan, StagePlan, input_artifact
 from align.spec import RecipeSpec, StageSpec, TrainSpec
-from align.stages._trl import TRAIN_DEFAULTS, TRLStage
+from align.stages._trl import TRAIN_DEFAULTS, Trained, TRLStage
 from align.stages.base import Default, Problem, Stage, fmt
 from align.trl_compat import GRPOConfig, RLOOConfig
 
@@ -140,18 +140,9 @@ class OnlineRL(TRLStage):
         model, tok = load_reward_model(plan, sp)
         return {"reward_funcs": model, "reward_processing_classes": tok}
 
-    def stage_metrics(
-        self,
-        plan: Plan,
-        sp: StagePlan,
-        trl_trainer: Any,
-        eval_ds: Any,
-        ev_before: dict[str, Any],
-        heldout: str | None,
-        common: dict[str, Any],
-    ) -> dict[str, Any]:
+    def stage_metrics(self, plan: Plan, sp: StagePlan, t: Trained) -> dict[str, Any]:
         """The reward curve from the trainer's log."""
-        history = trl_trainer.state.log_history
+        history = t.trainer.state.log_history
         rewards = [h[TRL_REWARD_KEY] for h in history if TRL_REWARD_KEY in h]
         if not rewards:
             return {}

@@ -21,7 +21,7 @@ from align.data import PAIR_FORMATS, to_preference
 from align.memory import Workload
 from align.rundir import Plan, StagePlan
 from align.spec import TrainSpec
-from align.stages._trl import TRAIN_DEFAULTS, TRLStage
+from align.stages._trl import TRAIN_DEFAULTS, Trained, TRLStage
 from align.stages.base import Default, fmt, loss_line
 from align.stages.reward import holdout
 from align.trl_compat import DPOConfig, KTOConfig, orpo_config
@@ -71,25 +71,16 @@ class PreferenceStage(TRLStage):
         # the reference: the same weights with the adapter disabled (None), so no second copy is held
         return {"eval_dataset": eval_ds, **({"ref_model": None} if self.with_reference else {})}
 
-    def stage_metrics(
-        self,
-        plan: Plan,
-        sp: StagePlan,
-        trl_trainer: Any,
-        eval_ds: Any,
-        ev_before: dict[str, Any],
-        heldout: str | None,
-        common: dict[str, Any],
-    ) -> dict[str, Any]:
-        m: dict[str, Any] = {"heldout": heldout}
-        if eval_ds is not None:
-            ev = trl_trainer.evaluate()
-            m["eval_pairs"] = len(eval_ds)
+    def stage_metrics(self, plan: Plan, sp: StagePlan, t: Trained) -> dict[str, Any]:
+        m: dict[str, Any] = {"t.heldout": t.heldout}
+        if t.eval_ds is not None:
+            ev = t.trainer.evaluate()
+            m["eval_pairs"] = len(t.eval_ds)
             for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen"):
                 if key in ev:
                     name = key.replace("eval_rewards/", "eval_reward_")
                     m[name] = ev[key]
-                    m[f"{name}_before"] = ev_before.get(key)
+                    m[f"{name}_before"] = t.before.get(key)
         return m
 
     def headline(self, m: dict[str, Any]) -> str:

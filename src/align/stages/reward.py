@@ -24,7 +24,7 @@ from align.models import torch_dtype
 from align.rundir import Plan, StagePlan
 from align.spec import TrainSpec
 from align.stages._train import input_folder, save_policy, set_pad
-from align.stages._trl import TRAIN_DEFAULTS, TRLStage
+from align.stages._trl import TRAIN_DEFAULTS, Trained, TRLStage
 from align.stages.base import Default, fmt, loss_line
 from align.trl_compat import RewardConfig
 
@@ -110,27 +110,18 @@ class Reward(TRLStage):
             shutil.rmtree(sp.partial_dir / "input-merged", ignore_errors=True)
         return output, None
 
-    def stage_metrics(
-        self,
-        plan: Plan,
-        sp: StagePlan,
-        trl_trainer: Any,
-        eval_ds: Any,
-        ev_before: dict[str, Any],
-        heldout: str | None,
-        common: dict[str, Any],
-    ) -> dict[str, Any]:
-        m: dict[str, Any] = {"heldout": heldout}
-        if eval_ds is not None:
-            ev = trl_trainer.evaluate()
+    def stage_metrics(self, plan: Plan, sp: StagePlan, t: Trained) -> dict[str, Any]:
+        m: dict[str, Any] = {"t.heldout": t.heldout}
+        if t.eval_ds is not None:
+            ev = t.trainer.evaluate()
             m.update(
                 {
-                    "eval_pairs": len(eval_ds),
+                    "eval_pairs": len(t.eval_ds),
                     "eval_accuracy": ev.get("eval_accuracy"),
                     "eval_margin": ev.get("eval_margin"),
                     "eval_loss": ev.get("eval_loss"),
-                    "eval_accuracy_before": ev_before.get("eval_accuracy"),
-                    "eval_margin_before": ev_before.get("eval_margin"),
+                    "eval_accuracy_before": t.before.get("eval_accuracy"),
+                    "eval_margin_before": t.before.get("eval_margin"),
                 }
             )
         return m

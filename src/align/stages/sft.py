@@ -17,7 +17,7 @@ from align.models import torch_dtype
 from align.rundir import Plan, StagePlan
 from align.spec import TrainSpec, data_names
 from align.stages._train import load_policy, set_pad
-from align.stages._trl import TRAIN_DEFAULTS, TRLStage
+from align.stages._trl import TRAIN_DEFAULTS, Trained, TRLStage
 from align.stages.base import Default, Problem, fmt, loss_line
 from align.trl_compat import SFTConfig
 
@@ -107,22 +107,13 @@ class SFT(TRLStage):
             set_pad(model, tokenizer)
         return model
 
-    def stage_metrics(
-        self,
-        plan: Plan,
-        sp: StagePlan,
-        trl_trainer: Any,
-        eval_ds: Any,
-        ev_before: dict[str, Any],
-        heldout: str | None,
-        common: dict[str, Any],
-    ) -> dict[str, Any]:
-        m: dict[str, Any] = {"tokens_seen": int(trl_trainer.state.num_input_tokens_seen or 0)}
+    def stage_metrics(self, plan: Plan, sp: StagePlan, t: Trained) -> dict[str, Any]:
+        m: dict[str, Any] = {"tokens_seen": int(t.trainer.state.num_input_tokens_seen or 0)}
         m["dtype"] = str(torch_dtype(plan.recipe.model.dtype)).replace("torch.", "")
-        if common.get("train_runtime_s"):
-            m["tokens_per_s"] = m["tokens_seen"] / common["train_runtime_s"]
-        if eval_ds is not None:
-            ev = trl_trainer.evaluate()
+        if t.common.get("train_runtime_s"):
+            m["tokens_per_s"] = m["tokens_seen"] / t.common["train_runtime_s"]
+        if t.eval_ds is not None:
+            ev = t.trainer.evaluate()
             m["eval_loss"] = ev["eval_loss"]
             m["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
         return m
