@@ -1,51 +1,86 @@
-"""Generation-based evaluation: greedy batched generation, corpus BLEU and ROUGE.
+"""Generation-based evaluation: greedy batched generation, corpus BLEU, chrF(++) and ROUGE.
 
 Metrics deliberately delegate to the reference implementations (sacrebleu, rouge-score) with
-their standard settings, so numbers are comparable with published ones (WMT, DialogSum).
+their standard settings, so numbers are comparable with published ones (WMT, DialogSum). What
+rouge-score lacks is a tokenizer for languages other than English (it keeps ASCII letters and digits
+only, so "Größe" becomes "gr e" and Chinese text no tokens at all): ``unicode`` and ``cjk`` below
+plug into its ``RougeScorer(tokenizer=...)`` hook; English keeps rouge-score's own.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+import sys
+import unicodedata
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from align import distributed
 
-References = Sequence[str | Sequence[str]]
+if TYPE_CHECKING:
+    import torch
+
+References = Sequence[str | Sequence[str] | None]
 ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-def _as_ref_lists(references: References, n_hyps: int) -> list[list[str]]:
-    """Normalise references to one non-empty list of strings per item."""
-    if len(references) != n_hyps:
-        raise ValueError(f"{n_hyps} hypotheses but {len(references)} reference items")
+def _check_inputs(hypotheses: Sequence[str], references: References) -> list[list[str]]:
+    """Hypotheses are strings and there is at least one; references normalised to one non-empty
+    list of strings per item. Errors name the item (sacrebleu would fail deep inside instead)."""
+    if isinstance(hypotheses, str):
+        raise ValueError("hypotheses must be a list of strings, not one string")
+    if not len(hypotheses):
+        raise ValueError("no hypotheses to score (0 items)")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference items")
+    for i, h in enumerate(hypotheses):
+        if not isinstance(h, str):
+            raise ValueError(f"item {i}: hypothesis must be a string, got {'None' if h is None else type(h).__name__}")
     out = []
     for i, refs in enumerate(references):
+        if refs is None:
+            raise ValueError(f"item {i}: reference is None")
         refs = [refs] if isinstance(refs, str) else list(refs)
-        if not refs or not all(isinstance(r, str) for r in refs):
-            raise ValueError(f"item {i}: references must be a string or a non-empty list of strings")
+        if not refs:
+            raise ValueError(f"item {i}: no references (empty list)")
+        for k, r in enumerate(refs):
+            if not isinstance(r, str):
+                got = "None" if r is None else type(r).__name__
+                raise ValueError(f"item {i}: reference {k} must be a string, got {got}")
         out.append(refs)
     return out
+
+
+def _streams(refs: list[list[str]]) -> list[list[str | None]]:
+    """sacrebleu wants reference *streams* (one list per reference index); items with fewer
+    references are padded with ``None``, which sacrebleu drops per segment."""
+    n_streams = max(len(r) for r in refs)
+    return [[r[k] if k < len(r) else None for r in refs] for k in range(n_streams)]
+
+
+def _sacrebleu_metric(cls: Any, kwargs: dict[str, Any]) -> Any:
+    try:
+        return cls(**kwargs)
+    except (ImportError, RuntimeError, KeyError, AssertionError) as e:  # a tokenizer's missing extra, a bad option
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"sacrebleu {cls.__name__}({kwargs}): {detail}") from None
 
 
 def bleu(hypotheses: Sequence[str], references: References, **sacrebleu_kwargs: Any) -> dict[str, Any]:
     """Corpus BLEU with sacrebleu's defaults (13a tokenizer, exp smoothing, cased).
 
     ``references[i]`` is item i's reference or list of references; items may have different
-    numbers of references. sacrebleu wants reference *streams* (one list per reference index),
-    so shorter items are padded with ``None``, which sacrebleu drops per segment.
-    Extra keyword arguments go to ``sacrebleu.metrics.BLEU`` (e.g. ``tokenize="intl"``).
+    numbers of references. Extra keyword arguments go to ``sacrebleu.metrics.BLEU`` (e.g.
+    ``tokenize="intl"``, ``lowercase=True``, ``smooth_method="floor"``, ``effective_order=True``).
     """
     from sacrebleu.metrics import BLEU
 
-    refs = _as_ref_lists(references, len(hypotheses))
-    n_streams = max((len(r) for r in refs), default=1)
-    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(n_streams)]
-    metric = BLEU(**sacrebleu_kwargs)
-    score = metric.corpus_score(list(hypotheses), streams)
+    refs = _check_inputs(hypotheses, references)
+    metric = _sacrebleu_metric(BLEU, sacrebleu_kwargs)
+    score = metric.corpus_score(list(hypotheses), _streams(refs))
     return {
         "score": score.score,
         "precisions": list(score.precisions),
@@ -56,29 +91,146 @@ def bleu(hypotheses: Sequence[str], references: References, **sacrebleu_kwargs: 
     }
 
 
+def chrf(
+    hypotheses: Sequence[str],
+    references: References,
+    word_order: int = 0,
+    lowercase: bool = False,
+    whitespace: bool = False,
+) -> dict[str, Any]:
+    """Corpus chrF (``word_order=0``) or chrF++ (``word_order=2``) via ``sacrebleu.metrics.CHRF``
+    (character 6-grams, beta 2); references as for :func:`bleu`."""
+    from sacrebleu.metrics import CHRF
+
+    refs = _check_inputs(hypotheses, references)
+    kwargs = {"word_order": word_order, "lowercase": lowercase, "whitespace": whitespace}
+    metric = _sacrebleu_metric(CHRF, kwargs)
+    score = metric.corpus_score(list(hypotheses), _streams(refs))
+    return {"score": score.score, "signature": str(metric.get_signature())}
+
+
+# --------------------------------------------------------------------------- ROUGE tokenizers
+
+_CJK_RANGES = (
+    "\u1100-\u11ff"  # Hangul Jamo
+    "\u2e80-\u2fdf"  # CJK radicals, Kangxi radicals
+    "\u3005\u3007\u3021-\u3029\u3038-\u303b"  # 々 〇 and Hangzhou numerals
+    "\u3040-\u30ff"  # Hiragana, Katakana (incl. ー)
+    "\u3130-\u318f"  # Hangul compatibility Jamo
+    "\u31f0-\u31ff"  # Katakana phonetic extensions
+    "\u3400-\u4dbf"  # CJK extension A
+    "\u4e00-\u9fff"  # CJK unified ideographs
+    "\ua960-\ua97f\uac00-\ud7ff"  # Hangul Jamo extended A, syllables, Jamo extended B
+    "\uf900-\ufaff"  # CJK compatibility ideographs
+    "\uff66-\uff9f"  # half-width Katakana (NFKC makes them full-width anyway)
+    "\U00020000-\U0003134f"  # CJK extensions B-G, compatibility supplement
+)
+
+
+@functools.cache
+def _mark_class() -> str:
+    """Every combining mark (Mn, Mc, Me) as a regex class body: ``\\w`` leaves them out, which would
+    cut Devanagari, Thai or decomposed Latin words apart."""
+    spans: list[tuple[int, int]] = []
+    for cp in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(cp)).startswith("M"):
+            if spans and spans[-1][1] == cp - 1:
+                spans[-1] = (spans[-1][0], cp)
+            else:
+                spans.append((cp, cp))
+    return "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in spans)
+
+
+@functools.cache
+def _token_re(cjk: bool) -> re.Pattern[str]:
+    word = rf"(?:[^\W_]|[{_mark_class()}])"  # a letter or digit of any script, or a mark
+    if not cjk:
+        return re.compile(rf"{word}+")
+    return re.compile(rf"[{_CJK_RANGES}][{_mark_class()}]*|(?:(?![{_CJK_RANGES}]){word})+")
+
+
+class UnicodeTokenizer:
+    """ROUGE tokens for space-separated languages of any script: NFKC, lowercase, then runs of
+    letters, digits and combining marks; punctuation and symbols are dropped, nothing is stemmed.
+    "Größe" stays one token, distinct from "Grüße"."""
+
+    cjk = False
+
+    def tokenize(self, text: str) -> list[str]:
+        return _token_re(self.cjk).findall(unicodedata.normalize("NFKC", text).lower())
+
+
+class CJKTokenizer(UnicodeTokenizer):
+    """As :class:`UnicodeTokenizer`, but each Han, kana or Hangul character is its own token
+    (Chinese and Japanese have no spaces between words); words of other scripts stay whole."""
+
+    cjk = True
+
+
+def rouge_tokenizer(name: str | None, use_stemmer: bool) -> Any:
+    """A tokenizer object for ``RougeScorer(tokenizer=...)``; None for rouge-score's own."""
+    if name in (None, "rouge_score"):
+        return None
+    if use_stemmer:
+        raise ValueError(f"use_stemmer: the Porter stemmer is English-only and does not apply to tokenizer {name}")
+    if name == "unicode":
+        return UnicodeTokenizer()
+    if name == "cjk":
+        return CJKTokenizer()
+    raise ValueError(f"unknown ROUGE tokenizer {name!r}; one of rouge_score, unicode, cjk")
+
+
+_SENTENCE_END = re.compile(
+    r"([.!?\u2026]+[\"'\u201d\u2019\u00bb)\]]*)\s+|([\u3002\uff01\uff1f]+[\u300d\u300f\u201d\u2019\uff09)]*)\s*"
+)
+
+
+def split_sentences(text: str, mode: str = "newline") -> str:
+    """``text`` with one sentence per line, as rouge-score's rougeLsum expects. ``newline``: as
+    given; ``punctuation``: also break after ``. ! ? …`` followed by a space (closing quotes and
+    brackets stay with their sentence) and after ``。！？``. A simple splitter: "Mr. Smith" splits."""
+    if mode == "newline":
+        return text
+    if mode != "punctuation":
+        raise ValueError(f"sentence_split {mode!r}: one of newline, punctuation")
+    return _SENTENCE_END.sub(lambda m: (m.group(1) or m.group(2)) + "\n", text)
+
+
 def rouge(
     hypotheses: Sequence[str],
     references: References,
     rouge_types: Sequence[str] = ROUGE_TYPES,
-    use_stemmer: bool = True,
+    use_stemmer: bool | None = None,
+    tokenizer: str | Any | None = None,
+    sentence_split: str = "newline",
 ) -> dict[str, Any]:
     """Mean ROUGE F1 (x100) via rouge-score, plus per-item F1s.
 
-    ROUGE-Lsum treats ``"\\n"`` as the sentence separator (rouge-score's default,
-    ``split_summaries=False``): put one sentence per line for summary-level LCS.
-    With several references per item, rouge-score's ``score_multi`` keeps, per ROUGE type,
-    the reference with the highest F1 (the max over references).
+    ``tokenizer``: None / ``"rouge_score"`` (rouge-score's own, for English; ``use_stemmer``
+    defaults to True), ``"unicode"``, ``"cjk"``, or any object with a ``tokenize(text)`` method.
+    ROUGE-Lsum treats ``"\\n"`` as the sentence separator (rouge-score's ``split_summaries=False``);
+    ``sentence_split="punctuation"`` first breaks lines after sentence-final punctuation (the other
+    ROUGE types see the same tokens either way). With several references per item, rouge-score's
+    ``score_multi`` keeps, per ROUGE type, the reference with the highest F1.
     """
     from rouge_score.rouge_scorer import RougeScorer
 
-    refs = _as_ref_lists(references, len(hypotheses))
-    scorer = RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+    refs = _check_inputs(hypotheses, references)
+    default = tokenizer in (None, "rouge_score")
+    stem = default if use_stemmer is None else use_stemmer
+    tok = rouge_tokenizer(tokenizer, stem) if isinstance(tokenizer, str) or tokenizer is None else tokenizer
+    scorer = RougeScorer(list(rouge_types), use_stemmer=stem, tokenizer=tok)
     per_item = []
     for hyp, item_refs in zip(hypotheses, refs, strict=True):
+        if sentence_split != "newline":
+            hyp, item_refs = (
+                split_sentences(hyp, sentence_split),
+                [split_sentences(r, sentence_split) for r in item_refs],
+            )
         scores = scorer.score_multi(item_refs, hyp)
         per_item.append({t: scores[t].fmeasure * 100 for t in rouge_types})
     n = len(per_item)
-    means = {t: (sum(s[t] for s in per_item) / n if n else float("nan")) for t in rouge_types}
+    means = {t: sum(s[t] for s in per_item) / n for t in rouge_types}
     return {**means, "per_item": per_item}
 
 
@@ -111,6 +263,8 @@ def generate(
     """
     if not prompts:
         return []
+    import torch
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rendered = [_render(tokenizer, p, use_chat_template) for p in prompts]
     encoded = [tokenizer(text, add_special_tokens=add_special)["input_ids"] for text, add_special in rendered]
@@ -160,4 +314,14 @@ def generate(
     return outputs
 
 
-__all__ = ["ROUGE_TYPES", "bleu", "generate", "rouge"]
+__all__ = [
+    "ROUGE_TYPES",
+    "CJKTokenizer",
+    "UnicodeTokenizer",
+    "bleu",
+    "chrf",
+    "generate",
+    "rouge",
+    "rouge_tokenizer",
+    "split_sentences",
+]

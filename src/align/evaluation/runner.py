@@ -58,7 +58,7 @@ def run_task(
             "seconds": res.seconds,
         }
     if spec.type == "generation":
-        from align.evaluation.generation import bleu, generate, rouge
+        from align.evaluation.generation import generate
 
         prompts, refs = load_generation_items(spec, root)
         hyps = generate(
@@ -71,21 +71,9 @@ def run_task(
             device=device,
             progress=progress,
         )
-        metric = spec.metric
-        if metric.name == "bleu":
-            b = bleu(hyps, refs, tokenize=metric.tokenize)
-            return {**head, "metric": "bleu", **b, "n": len(hyps), "predictions": hyps}
-        r = rouge(hyps, refs, rouge_types=metric.rouge_types, use_stemmer=metric.use_stemmer)
-        means = {t: r[t] for t in metric.rouge_types}
-        headline = means.get("rougeL", next(iter(means.values())))
-        return {
-            **head,
-            "metric": "rouge",
-            "score": headline,
-            **means,
-            "n": len(hyps),
-            "predictions": hyps,
-        }
+        from align.evaluation.score import score_outputs
+
+        return {**head, **score_outputs(spec, hyps, refs), "predictions": hyps}
     raise NotImplementedError(f"task type {spec.type!r} is evaluated by align.evaluation.perplexity, not run_task")
 
 

@@ -5,6 +5,8 @@ Schema (every level rejects unknown keys, so a typo fails naming the field)::
     name: wmt22_de_en            # required, free text (used in reports)
     version: 1                   # bump when prompt/data/metric change (results not comparable)
     description: "..."           # optional
+    language: en                 # generation: language of outputs and references (BCP-47: en, de, zh, ja-JP);
+                                 # picks ROUGE's tokenizer and BLEU's default tokenizer (unset = en)
     type: generation             # mmlu | generation | perplexity
     data:
       path: ../shared/data/...   # file or folder, relative to the project root (or absolute)
@@ -27,9 +29,18 @@ Schema (every level rejects unknown keys, so a typo fails naming the field)::
       normalize: none            # none (acc) | chars (acc_norm) | bytes (acc_bytes) | tokens (per-token mean)
     generation: {max_new_tokens: 256}   # generation only
     metric:                      # default from type: accuracy / perplexity
-      name: bleu                 # accuracy | bleu | rouge | perplexity
-      tokenize: 13a              # bleu: sacrebleu tokenizer
-      # rouge: rouge_types: [rouge1, rouge2, rougeL, rougeLsum], use_stemmer: true
+      name: bleu                 # accuracy | bleu | chrf | chrf++ | rouge | perplexity
+      tokenize: 13a              # bleu: a sacrebleu tokenizer (default 13a; zh for zh, ja-mecab / ko-mecab for ja / ko)
+      lowercase: false           # bleu, chrf: case-insensitive
+      smooth_method: exp         # bleu: exp | floor | add-k | none (sacrebleu's)
+      effective_order: false     # bleu: skip n-gram orders with no match (for sentence-level BLEU)
+      # chrf / chrf++ (word bigrams, sacrebleu word_order=2): lowercase, whitespace
+      # rouge: rouge_types: [rouge1, rouge2, rougeL, rougeLsum]
+      #        tokenizer: rouge_score | unicode | cjk   (default from `language`, see ROUGE_TOKENIZERS)
+      #        use_stemmer: true   (Porter, English only; default true with the rouge_score tokenizer)
+      #        sentence_split: newline | punctuation   (rougeLsum's sentences; default newline)
+    # several metrics: a list, the first is the task's headline `score`
+    # metric: [{name: bleu}, {name: chrf}, {name: chrf++}]
     batch_size: 8
     limit: null                  # first N items (per subject for mmlu), null = all
 
@@ -52,7 +63,16 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from align.yamlio import load_yaml_text
 
@@ -187,26 +207,115 @@ class PerplexityMetric(_Strict):
     name: Literal["perplexity"]
 
 
+def _sacrebleu_choices(what: str) -> list[str] | None:
+    """sacrebleu's own lists (tokenizers, smoothing methods); None when the `eval` extra is absent
+    (the value is then checked when scoring)."""
+    try:
+        from sacrebleu.metrics.bleu import BLEU
+    except ImportError:
+        return None
+    return list(BLEU.TOKENIZERS) if what == "tokenize" else list(BLEU.SMOOTH_DEFAULTS)
+
+
+def _one_of(field: str, value: str, choices: list[str] | None) -> str:
+    if choices is not None and value not in choices:
+        from align.errors import did_you_mean
+
+        raise ValueError(
+            f"{field} {value!r} is not one of sacrebleu's: {', '.join(choices)}{did_you_mean(value, choices)}"
+        )
+    return value
+
+
+# sacrebleu's own choice when it knows the target language (`BLEU(trg_lang=...)`); 13a otherwise
+BLEU_TOKENIZE_BY_LANGUAGE = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
+
+
 class BleuMetric(_Strict):
+    """Corpus BLEU via sacrebleu; every option is sacrebleu's, with its defaults."""
+
     name: Literal["bleu"]
-    tokenize: str = "13a"
+    tokenize: str | None = Field(None, description="sacrebleu tokenizer; default from the task's language, else 13a")
+    lowercase: bool = False
+    smooth_method: str = "exp"
+    effective_order: bool = False
+
+    @field_validator("tokenize")
+    @classmethod
+    def _check_tokenize(cls, v: str | None) -> str | None:
+        return None if v is None else _one_of("tokenize", v, _sacrebleu_choices("tokenize"))
+
+    @field_validator("smooth_method")
+    @classmethod
+    def _check_smooth(cls, v: str) -> str:
+        return _one_of("smooth_method", v, _sacrebleu_choices("smooth_method"))
+
+
+class ChrfMetric(_Strict):
+    """chrF (character 6-grams) or chrF++ (plus word bigrams) via sacrebleu, beta 2."""
+
+    name: Literal["chrf", "chrf++"]
+    lowercase: bool = False
+    whitespace: bool = Field(False, description="count whitespace inside character n-grams")
+
+    @property
+    def word_order(self) -> int:
+        return 2 if self.name == "chrf++" else 0
+
+
+# ROUGE tokenizers: rouge_score = rouge-score's own (lowercase, ASCII letters and digits only, optional
+# Porter stemming: English); unicode = NFKC, lowercase, runs of letters/digits/marks of any script
+# (Latin with diacritics, Cyrillic, Greek, ...); cjk = unicode, with each Han/kana/Hangul character a token.
+ROUGE_TOKENIZERS = ("rouge_score", "unicode", "cjk")
+CJK_LANGUAGES = {"zh", "ja", "ko", "cmn", "yue", "wuu", "lzh"}
+
+
+def rouge_tokenizer_for(language: str | None) -> str:
+    """The default ROUGE tokenizer of a task language (BCP-47; None = English)."""
+    primary = (language or "en").split("-")[0].lower()
+    if primary == "en":
+        return "rouge_score"
+    return "cjk" if primary in CJK_LANGUAGES else "unicode"
 
 
 class RougeMetric(_Strict):
     name: Literal["rouge"]
     rouge_types: list[Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]] = Field(
-        default_factory=lambda: ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+        default_factory=lambda: ["rouge1", "rouge2", "rougeL", "rougeLsum"], min_length=1
     )
-    use_stemmer: bool = True
+    tokenizer: Literal["rouge_score", "unicode", "cjk"] | None = Field(
+        None, description="default from the task's language: rouge_score (en), cjk (zh/ja/ko), else unicode"
+    )
+    use_stemmer: bool | None = Field(None, description="Porter stemming (English); default: on with rouge_score")
+    sentence_split: Literal["newline", "punctuation"] = Field(
+        "newline", description="rougeLsum's sentences: one per line, or split after . ! ? and their CJK forms"
+    )
+
+    @model_validator(mode="after")
+    def _check_stemmer(self) -> RougeMetric:
+        if self.use_stemmer and self.tokenizer not in (None, "rouge_score"):
+            raise ValueError(
+                f"use_stemmer: the Porter stemmer is English-only; it works with tokenizer rouge_score, "
+                f"not {self.tokenizer}"
+            )
+        return self
 
 
-Metric = Annotated[AccuracyMetric | PerplexityMetric | BleuMetric | RougeMetric, Field(discriminator="name")]
+_METRIC_TYPES = AccuracyMetric | PerplexityMetric | BleuMetric | ChrfMetric | RougeMetric
+Metric = Annotated[_METRIC_TYPES, Field(discriminator="name")]
+# `metric:` is one mapping or a list of them (the first is the headline); tagged so that an error names
+# only the branch the YAML used
+MetricField = Annotated[
+    Annotated[Metric, Tag("one")] | Annotated[list[Metric], Tag("list")],
+    Discriminator(lambda v: "list" if isinstance(v, list) else "one"),
+]
 
 _ALLOWED = {
     "mmlu": ({"mmlu_csv", "mmlu_jsonl"}, {"accuracy"}),
-    "generation": ({"jsonl"}, {"bleu", "rouge"}),
+    "generation": ({"jsonl"}, {"bleu", "chrf", "chrf++", "rouge"}),
     "perplexity": ({"jsonl"}, {"perplexity"}),
 }
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
 
 
 class TaskSpec(_Strict):
@@ -215,27 +324,44 @@ class TaskSpec(_Strict):
     name: str
     version: int = 1
     description: str = ""
+    language: str | None = None
     type: Literal["mmlu", "generation", "perplexity"]
     data: DataSpec
     prompt: PromptSpec | None = None
     mmlu: MMLUSpec | None = None
     generation: GenerationSpec | None = None
-    metric: Metric | None = None
+    metric: MetricField | None = None
     batch_size: int = Field(8, gt=0)
     limit: int | None = Field(None, gt=0)
 
+    @field_validator("language")
+    @classmethod
+    def _check_language(cls, v: str | None) -> str | None:
+        if v is not None and not _LANGUAGE.match(v):
+            raise ValueError(f"language {v!r} is not a BCP-47 code such as en, de, zh, pt-BR, zh-Hant")
+        return v
+
     @model_validator(mode="after")
     def _check_type(self) -> TaskSpec:
-        formats, metrics = _ALLOWED[self.type]
+        formats, allowed = _ALLOWED[self.type]
         if self.data.format not in formats:
             raise ValueError(f"type {self.type}: data.format must be one of {sorted(formats)}")
         if self.metric is None:
             if self.type == "generation":
-                raise ValueError("type generation: metric is required (bleu or rouge)")
+                raise ValueError("type generation: metric is required (bleu, chrf, chrf++ or rouge)")
             default = AccuracyMetric(name="accuracy") if self.type == "mmlu" else PerplexityMetric(name="perplexity")
             self.metric = default
-        if self.metric.name not in metrics:
-            raise ValueError(f"type {self.type}: metric.name must be one of {sorted(metrics)}")
+        names = [m.name for m in self.metrics]
+        if not names:
+            raise ValueError("metric: the list is empty; name at least one metric")
+        if any(n not in allowed for n in names):
+            raise ValueError(f"type {self.type}: metric.name must be one of {sorted(allowed)}, got {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"metric: each metric may be listed once, got {names}")
+        if len(names) > 1 and self.type != "generation":
+            raise ValueError(f"metric: a list of metrics is only valid for type generation, not {self.type}")
+        for m in self.metrics:
+            self._resolve_defaults(m)
         for section in ("mmlu", "generation"):
             if section != self.type and getattr(self, section) is not None:
                 raise ValueError(f"section {section!r} is only valid for type {section}")
@@ -252,6 +378,29 @@ class TaskSpec(_Strict):
         if self.type == "perplexity" and not self.data.text_field:
             raise ValueError("type perplexity requires data.text_field")
         return self
+
+    def _resolve_defaults(self, m: Any) -> None:
+        """Language-dependent defaults written into the spec, so a task's settings are explicit once loaded."""
+        primary = (self.language or "en").split("-")[0].lower()
+        if isinstance(m, BleuMetric) and m.tokenize is None:
+            m.tokenize = BLEU_TOKENIZE_BY_LANGUAGE.get(primary, "13a")
+        if isinstance(m, RougeMetric):
+            if m.tokenizer is None:
+                m.tokenizer = rouge_tokenizer_for(self.language)
+                if m.use_stemmer and m.tokenizer != "rouge_score":
+                    raise ValueError(
+                        f"metric rouge: use_stemmer is English-only, and language {self.language!r} "
+                        f"uses tokenizer {m.tokenizer}; drop use_stemmer"
+                    )
+            if m.use_stemmer is None:
+                m.use_stemmer = m.tokenizer == "rouge_score"
+
+    @property
+    def metrics(self) -> list[Any]:
+        """Every metric of the task, the headline (``score``) first."""
+        if self.metric is None:
+            return []
+        return list(self.metric) if isinstance(self.metric, list) else [self.metric]
 
     def resolve_path(self, root: str | Path | None = None) -> Path:
         """``data.path`` made absolute against the project root (default: current directory)."""
@@ -304,7 +453,8 @@ def _references(value: Any, where: str) -> list[str]:
         value = list(value.values())
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return value
-    raise ValueError(f"{where}: reference must be a string, list or dict of strings")
+    got = "null" if value is None else "an empty list" if value == [] else f"{value!r:.80}"
+    raise ValueError(f"{where}: reference must be a string, list or dict of strings, got {got}")
 
 
 def load_generation_items(spec: TaskSpec, root: str | Path | None = None) -> tuple[list[str], list[list[str]]]:
@@ -322,8 +472,13 @@ def load_generation_items(spec: TaskSpec, root: str | Path | None = None) -> tup
                 continue
             if spec.limit is not None and len(prompts) >= spec.limit:
                 break
-            rec = json.loads(line)
             where = f"{path}:{line_no}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             for field in (spec.data.input_field, spec.data.reference_field):
                 if field not in rec:
                     raise ValueError(f"{where}: missing field {field!r} (have {sorted(rec)})")
@@ -336,15 +491,20 @@ def load_generation_items(spec: TaskSpec, root: str | Path | None = None) -> tup
 
 
 __all__ = [
+    "ROUGE_TOKENIZERS",
+    "BleuMetric",
+    "ChrfMetric",
     "DataSpec",
     "GenerationSpec",
     "MMLUSpec",
     "MultipleChoicePrompt",
     "PromptSpec",
+    "RougeMetric",
     "TaskSpec",
     "TaskSpecError",
     "compile_template",
     "load_generation_items",
     "load_task",
     "render_template",
+    "rouge_tokenizer_for",
 ]
