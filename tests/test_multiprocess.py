@@ -66,7 +66,23 @@ def two_process_run(tmp_path_factory, tiny_llama):
     finally:
         del os.environ["ALIGN_RANK_HASH_DIR"]
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    (tmp / "console.txt").write_text(res.stdout + res.stderr)
     return tmp, path, hook
+
+
+def test_two_process_console_is_one_line_per_step(two_process_run):
+    """Under 2 processes the console has each stage's start line and one progress line per logged step (rank 0
+    only), no launcher or DDP notices, and no carriage returns (this is not a terminal)."""
+    tmp, _, _ = two_process_run
+    out = (tmp / "console.txt").read_text()
+    assert "\r" not in out
+    for noise in ("were not passed to `accelerate launch`", "find_unused_parameters", "FutureWarning", "{'loss'"):
+        assert noise not in out, noise
+    assert "LOAD REPORT" not in out  # the reward model's new score head is expected, not news
+    for stage in ("sft", "rm", "dpo"):
+        assert out.count(f"[align] {stage}: ") == 2  # the start line and the done line
+        steps = [x for x in out.splitlines() if x.startswith(f"  {stage}  step ")]
+        assert [x.split()[2] for x in steps] == [f"{i}/4" for i in range(1, 5)], steps
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])

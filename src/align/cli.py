@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--only", metavar="STAGE", help="run just this stage (its inputs must be done)")
     add_launch(run)
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own output: their progress bars, the trainers' raw logs and every warning",
+    )
     stage = add(
         "stage",
         "run one stage in this process (what `align run` launches; use under your own "
@@ -82,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
     stage.add_argument(
         "--plan", metavar="FILE", help="the orchestrator's resolved plan (set by `align run`; by hand, leave it out)"
+    )
+    stage.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own output: their progress bars, the trainers' raw logs and every warning",
     )
     ev = sub.add_parser(
         "eval",
@@ -94,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="first N items of each task (per subject for MMLU)")
     ev.add_argument("--out", default="runs/eval", help="folder for metrics.json, summary.md (default runs/eval)")
     ev.add_argument("--baseline", help="gate: compare with this metrics.json; exit 1 on regression")
+    ev.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own output: their progress bars, the trainers' raw logs and every warning",
+    )
     push = sub.add_parser(
         "push",
         help="push a finished stage (adapter, merged model or reward model) with its model card",
@@ -146,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
         help="per metric (or task/metric): 0.5 absolute, 2%% relative, 2se stderr units; "
         "default 2se where stderrs exist, else 1%%",
     )
+    from align.evaluation.score import add_parser as add_score_parser
+
+    add_score_parser(sub)
     return p
 
 
@@ -165,7 +183,7 @@ def add_launch(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one branch per command
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
@@ -173,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides may also follow the flags
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from align import console
+
+    console.setup(want_verbose=getattr(args, "verbose", False))
     # bitsandbytes warns on import that an optional CPU kernel package is missing; it is optional.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.command in ("run", "stage") and threading.current_thread() is threading.main_thread():
@@ -190,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "push":
             return cmd_push(args)
+        if args.command == "score":
+            from align.evaluation.score import main as cmd_score
+
+            return cmd_score(args)
         if args.command == "merge":
             from pathlib import Path
 

@@ -223,6 +223,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _sets_dynamo(path: Path) -> bool:
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and ("dynamo_config" in cfg or "dynamo_backend" in cfg)
+
+
 def launch_command(
     info: LaunchInfo, *, dtype: str, stage_args: list[str], env: Mapping[str, str]
 ) -> tuple[list[str], dict[str, str]]:
@@ -241,10 +249,14 @@ def launch_command(
             str(info.num_processes),
             "--mixed_precision",
             "no",
+            "--dynamo_backend",  # accelerate's default, said out loud: otherwise it warns on every launch
+            "no",
         ]
         cmd += ["--main_process_port", str(free_port())]
         return cmd + stage_args, new_env
     cmd += ["--config_file", str(info.config_path), "--num_processes", str(info.num_processes), "--mixed_precision", mp]
+    if not _sets_dynamo(info.config_path):
+        cmd += ["--dynamo_backend", "no"]  # accelerate's default, said out loud: otherwise it warns every launch
     if info.num_machines > 1:
         rank = env.get("MACHINE_RANK") or env.get("NODE_RANK") or env.get("SLURM_NODEID")
         addr = env.get("MAIN_PROCESS_IP") or env.get("MASTER_ADDR")

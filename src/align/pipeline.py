@@ -43,6 +43,7 @@ from align.rundir import (
     read_stage_json,
     run_lock,
 )
+from align.spec import TrainSpec
 from align.stages.registry import stage_of
 
 
@@ -213,7 +214,7 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
                 rows.append({"name": sp.name, "type": sp.stage.type, "status": "skipped", "ran": False, "seconds": 0.0})
                 continue
             t0 = time.time()
-            print(f"[align] {sp.name}: running ({sp.status}{', ' + sp.detail if sp.detail else ''})", flush=True)
+            print(start_line(plan, sp), flush=True)
             if node == 0 or spans_nodes(plan, sp):
                 launch_stage(plan, sp, fresh=sp.name in force, node=node)
             if node != 0:
@@ -223,6 +224,28 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
                 {"name": sp.name, "type": sp.stage.type, "status": "ran", "ran": True, "seconds": time.time() - t0}
             )
     return rows
+
+
+def start_line(plan: Plan, sp: StagePlan) -> str:
+    """`[align] sft: sft (lora) from base | accelerate multi_cpu x2 | 24 steps | resuming from checkpoint-8`."""
+    st, kind = sp.stage, stage_of(sp.stage)
+    adapter = getattr(st, "adapter", None)
+    parts = [st.type + (f" ({adapter.type})" if adapter is not None else ""), f"on {kind.describe_inputs(sp)}"]
+    if not kind.evaluates:
+        parts[-1] = f"from {kind.describe_inputs(sp)}"
+    if sp.name in plan.launches:
+        parts.append(plan.launches[sp.name][0].describe())
+    elif st.launch.mode != "python":
+        parts.append(f"accelerate x{st.launch.num_processes or 1}")
+    if isinstance(st, TrainSpec):
+        args = kind.resolved_config(plan, sp)
+        steps, epochs = args.get("max_steps", -1), args.get("num_train_epochs")
+        parts.append(f"{steps} steps" if isinstance(steps, int) and steps > 0 else f"{epochs or 1:g} epochs")
+    if sp.status == "resumable":
+        parts.append(f"resuming {sp.detail}")
+    elif sp.status in ("changed", "forced"):
+        parts.append("again: " + (sp.detail or "forced") if sp.status == "changed" else "forced")
+    return f"[align] {sp.name}: " + " | ".join(parts)
 
 
 def write_run_record(plan: Plan) -> None:
@@ -398,6 +421,9 @@ def execute_stage(
     else:  # the launch was checked by whoever launched this process (and this process is running under it)
         plan = make_plan(recipe_path, overrides, materialize=True, check_launches=False)
     sp = plan.get(plan.recipe.stage(stage_name).name)
+    from align.console import quiet_transformers
+
+    quiet_transformers()
     if sp.fingerprint is None:
         raise AlignError(f"stage `{sp.name}` needs {sp.inputs} done first; run `align run {recipe_path}`")
     if sp.status == "done" and not fresh:

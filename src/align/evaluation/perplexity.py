@@ -38,6 +38,8 @@ def perplexity(
     import torch
     from tqdm.auto import tqdm
 
+    from align.console import show_bars
+
     stride = min(stride, max_length - 1)  # windows overlap by >= 1 token, so no token loses its context
     windows: list[tuple[list[int], list[int]]] = []  # (input ids, labels)
     for item in texts:
@@ -60,7 +62,7 @@ def perplexity(
     parts: dict[int, tuple[float, int]] = {}  # batch index -> (summed NLL, predicted tokens)
     windows.sort(key=lambda w: len(w[0]))  # similar lengths together: less padding
     with torch.no_grad():
-        for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", leave=False):
+        for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", leave=False, disable=not show_bars()):
             if not distributed.mine(i // batch_size):
                 continue  # another rank scores this batch
             batch = windows[i : i + batch_size]

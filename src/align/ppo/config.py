@@ -55,6 +55,9 @@ class PPOConfig:
     save_steps: int = option(10, "checkpoint every this many steps (and at the end, or when stopped)")
     save_total_limit: int = option(2, "checkpoints kept, newest first. 2: one to resume from while the next is written")
     logging_steps: int = option(1, "call log_fn every this many steps")
+    report_to: str | list[str] = option(
+        "none", "experiment trackers, as transformers names them (tensorboard, wandb, mlflow, trackio). none: off"
+    )
     value_learning_rate: float | None = option(
         None, "AdamW learning rate of the value model (all of whose weights train). None: learning_rate"
     )

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from align import distributed
+from align.console import orchestrated
 from align.data import check_format, data_files, is_local, mix, peek_rows, train_eval_split
 from align.errors import NonFiniteLoss, RecipeError
 from align.rundir import Plan, StagePlan, latest_checkpoint
@@ -199,7 +200,7 @@ def train(trainer: Any, sp: StagePlan, guard: Guard, *, evaluate_before: bool = 
     if before is not None:
         trainer.add_callback(before)
     resume = latest_checkpoint(sp)
-    if resume is not None and distributed.is_main():
+    if resume is not None and distributed.is_main() and not orchestrated():  # align run's start line says it
         print(f"[align] {sp.name}: resuming from {resume.name}", flush=True)
     guard.resumed_from = resume.name if resume else None
     with guard.trap_sigint():

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align import distributed
+from align import distributed, tracking
+from align.console import trainer_progress
 from align.models import peft_config, plan_tokenizer
 from align.rundir import Plan, StagePlan, input_artifact, write_common, write_metrics
 from align.spec import data_names
@@ -41,6 +42,12 @@ TRAIN_DEFAULTS: tuple[Default, ...] = (
     Default("save_total_limit", 2, "the newest checkpoint may be cut short by a kill; the one before is whole"),
     Default("activation_checkpointing", False, "recompute costs ~30% speed; turn on for models that do not fit"),
     Default("dataloader_num_workers", 0, "worker processes buy nothing on small tokenized sets and fork CUDA"),
+    Default(
+        "ddp_find_unused_parameters",
+        False,
+        "every trainable weight (an adapter, a score head) takes part in each step, so DDP's search for unused "
+        "ones is a wasted pass (and a warning per process); set true for weights used conditionally (MoE experts)",
+    ),
 )
 
 
@@ -88,7 +95,9 @@ class TRLStage(Stage):
     def check(self, plan: Plan, sp: StagePlan) -> list[Problem]:
         formats, problems = check_data(plan, sp, self.formats)
         problems += self.check_inputs(plan, sp, formats)
-        return problems + check_trl_args(self.trainer_config, self.train_args(plan, sp), sp.where)
+        args = self.train_args(plan, sp)
+        problems += tracking.check(args.get("report_to"), f"{sp.where}.train.report_to")
+        return problems + check_trl_args(self.trainer_config, args, sp.where)
 
     def check_inputs(self, plan: Plan, sp: StagePlan, formats: dict[str, str]) -> list[Problem]:
         """Hook: plan-time checks beyond the data formats and TRL's own argument checks."""
@@ -104,6 +113,9 @@ class TRLStage(Stage):
         }
         if work is not None:
             args["output_dir"] = str(work / "checkpoints")
+        args.update(
+            tracking.trainer_fields(self.trainer_config, plan.run_dir, sp.name, args.get("report_to"), spec.train)
+        )
         return {**args, **self.fixed_args(plan, sp, args)}
 
     def fixed_args(self, plan: Plan, sp: StagePlan, args: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +133,7 @@ class TRLStage(Stage):
         args_dict = self.train_args(plan, sp, sp.partial_dir)
         write_common(sp, plan, out, self.config_record(plan, sp, args_dict))
         args = self.trainer_config(**args_dict)
+        tracking.apply(plan.run_dir, sp.name, args_dict.get("report_to"))
         source = input_artifact(plan, sp.inputs[0])
         tokenizer = plan_tokenizer(plan)
 
@@ -142,6 +155,7 @@ class TRLStage(Stage):
             callbacks=[guard],
             **self.trainer_kwargs(plan, sp, eval_ds),
         )
+        trainer_progress(trl_trainer, sp.name)
         before = trainable_snapshot(trl_trainer.model)
 
         # train (every rank; a "before" evaluation runs once the model is wrapped), then prove on every rank

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from align import distributed
+from align.console import orchestrated, show_bars, verbose
 from align.data import TEXT_FORMATS, check_format, is_local, load_rows, peek_rows, texts_of
 from align.errors import RecipeError, did_you_mean
 from align.memory import StageMemoryInput, Workload
@@ -169,13 +170,9 @@ def task_records(res: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
         return recs
-    if res["metric"] == "bleu":
-        return [{**base, "metric": "bleu", "value": res["score"], "stderr": None}]
-    return [
-        {**base, "metric": k, "value": res[k], "stderr": None}
-        for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")
-        if k in res
-    ]
+    from align.evaluation.score import generation_records
+
+    return generation_records(res)
 
 
 def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
@@ -249,7 +246,9 @@ def evaluate(
         for task in tasks:
             if task.task:
                 spec = specs[task.task]
-                res = run_task(spec, model, tokenizer, root=data_root(spec.data.path), device=device, progress=main)
+                res = run_task(
+                    spec, model, tokenizer, root=data_root(spec.data.path), device=device, progress=main and show_bars()
+                )
                 results += [{**head, **r, "settings": {"limit": specs[task.task].limit}} for r in task_records(res)]
                 if not main:
                     continue
@@ -301,7 +300,8 @@ def evaluate(
     from align.evaluation.plot import plot_results
 
     plot_results(results, out / "comparison.png")
-    print(table, flush=True)
+    if not orchestrated() or verbose():  # under `align run` the closing summary shows this table
+        print(table, flush=True)
     return results
 
 

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from align import distributed
+from align import distributed, tracking
+from align.console import ProgressLine, orchestrated, verbose
 from align.data import to_prompts
 from align.errors import RecipeError
 from align.memory import StageMemoryInput, Workload
@@ -72,9 +73,11 @@ class PPO(OnlineRL):
         _, problems = check_data(plan, sp, self.formats)
         problems += check_reward(plan, sp, same_tokenizer=True)
         try:
-            config(plan, sp)
+            cfg = config(plan, sp)
         except (ValueError, TypeError) as e:
             problems.append((f"{sp.where}.train", str(e).splitlines()[0]))
+        else:
+            problems += tracking.check(cfg.report_to, f"{sp.where}.train.report_to", ppo=True)
         return problems
 
     def resolved_config(self, plan: Plan, sp: StagePlan) -> dict[str, Any]:
@@ -185,7 +188,10 @@ def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
     source = input_artifact(plan, sp.inputs[0])
     tokenizer = plan_tokenizer(plan)
     chat = bool(tokenizer.chat_template)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    trackers = tracking.ppo_trackers(plan.run_dir, stage.name, cfg.report_to)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers)
+    if trackers:
+        accelerator.init_trackers(stage.name, config=tracking.scalars(dataclasses.asdict(cfg)))
     if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
         raise RecipeError(
             f"align's PPO runs under DDP only (it holds policy, value and reward models unsharded), not "
@@ -215,22 +221,34 @@ def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
 
     # trainer
     guard = Guard(out / "train_log.jsonl", sp.partial_dir)
+    line: list[ProgressLine] = []
 
     def log(record: dict[str, Any]) -> None:
-        guard.check(record, int(record.get("step", 0)))
+        step = int(record.get("step", 0))
+        guard.check(record, step)
         if accelerator.is_main_process:
             guard.log(record)
+            if trackers:
+                accelerator.log(tracking.scalars(record), step=step)
+            for bar in line:
+                bar.update(step, record)
 
     trainer = PPOTrainer(cfg, policy, value, tokenizer, prompts, reward_fn, accelerator=accelerator, log_fn=log)
 
     # train
     resume = latest_checkpoint(sp)
-    if resume is not None:
+    if accelerator.is_main_process and not verbose():
+        line.append(ProgressLine(stage.name, cfg.max_steps, start_step=int(resume.name.split("-")[1]) if resume else 0))
+    if resume is not None and not orchestrated():
         print(f"[align] {stage.name}: resuming from {resume.name}", flush=True)
     with guard.trap_sigint():
         summary = trainer.train(
             checkpoint_dir=sp.partial_dir / "checkpoints", resume_from=resume, should_stop=guard.should_stop
         )
+    for bar in line:
+        bar.close()
+    if trackers:
+        accelerator.end_training()
     if summary.get("interrupted"):
         raise KeyboardInterrupt
     unwrapped = accelerator.unwrap_model(trainer.policy)
