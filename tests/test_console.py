@@ -107,10 +107,17 @@ def test_align_run_console_and_tensorboard(tmp_path: Path, tiny_llama: Path) -> 
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
     assert "\r" not in out
-    for noise in ("FutureWarning", "warnings.warn", "Setting accelerator to CPU", "{'loss'", "it/s]", "Loading weights"):
+    for noise in (
+        "FutureWarning",
+        "warnings.warn",
+        "Setting accelerator to CPU",
+        "{'loss'",
+        "it/s]",
+        "Loading weights",
+    ):
         assert noise not in out, noise
-    assert "[align] sft: sft (lora) | from base | python x1 | 6 steps" in out
-    assert "[align] ppl: eval | on base, sft" in out
+    assert "[align] sft: running sft (lora) from base | python x1 | 6 steps" in out
+    assert "[align] ppl: running eval on base, sft | python x1" in out
     steps = [x for x in res.stdout.splitlines() if x.startswith("  sft  step ")]
     assert [x.split()[2] for x in steps] == [f"{i}/6" for i in range(1, 7)]
     assert all("| loss " in x for x in steps) and steps[-1].endswith("total")

@@ -320,7 +320,7 @@ def _write_jsonl(path: Path, preds: list) -> Path:
 
 def test_align_score_writes_eval_metrics(tmp_path, capsys) -> None:
     from align.evaluation.compare import load_metrics
-    from align.stages.evaluate import summary_table
+    from align.evaluation.score import summary_table
 
     task = _task_file(tmp_path, "[{name: chrf}, {name: bleu}, {name: rouge}]", ITEMS)
     preds = _write_jsonl(tmp_path / "sys.jsonl", HYPS)

@@ -102,7 +102,10 @@ def test_changed_eval_reruns_only_eval(finished):
     sft_before = (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime
     res = align("run", str(path), "stages.ppl.tasks.0.stride=128", "stages.ppl.tasks.0.max_length=128")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "sft: done, skipped" in res.stdout and "ppl: running (changed" in res.stdout
+    assert (
+        "sft: done, skipped" in res.stdout
+        and "ppl: running eval on base, sft | python x1 | again: config, data or input changed" in res.stdout
+    )
     assert (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime == sft_before
 
 
@@ -110,7 +113,9 @@ def test_force_reruns_stage_and_downstream(finished):
     tmp, path, _ = finished
     res = align("run", str(path), "--force", "sft")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "sft: running (forced" in res.stdout and "ppl: running" in res.stdout
+    assert "sft: running sft (lora) from base | cpu x1 | 6 steps | forced" in res.stdout
+    assert "ppl: running eval on base, sft" in res.stdout
+    assert "were not passed to `accelerate launch`" not in res.stderr  # its defaults are passed, said out loud
 
 
 def test_kill_during_sft_then_resume(tmp_path, tiny_llama):
@@ -139,6 +144,17 @@ def test_kill_during_sft_then_resume(tmp_path, tiny_llama):
     m = stage_json(tmp_path / "runs" / "tiny", "sft")["metrics"]
     assert m["resumed_from"] is not None and int(m["resumed_from"].split("-")[1]) >= kept[0]
     assert m["steps"] == 60
+    # the figures come from the whole stage: the same as an uninterrupted run's, as the weights are
+    recipe["output_dir"] = str(tmp_path / "straight")
+    straight = align("run", str(write_recipe(tmp_path, recipe, "straight.yaml")))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    s = stage_json(tmp_path / "straight" / "tiny", "sft")["metrics"]
+    assert s["resumed_from"] is None and s["weights_sha256"] == m["weights_sha256"]
+    for key in ("first_loss", "last_loss", "train_loss"):
+        assert m[key] == s[key], key
+    log = (tmp_path / "runs" / "tiny" / "sft" / "train_log.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in log if '"loss"' in x]
+    assert steps == list(range(1, 61))  # each step once, though some ran twice
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama):
@@ -406,3 +422,30 @@ def test_a_stage_process_reads_the_plan_file_and_validates_without_one(tmp_path,
     assert (tmp_path / "runs" / "tiny" / "sft" / "stage.json").is_file()
     by_hand = align("stage", str(path), "ppl")  # started by hand: it validates, and says what is wrong
     assert by_hand.returncode == 2 and "not valid YAML" in by_hand.stderr
+
+
+def test_a_second_concurrent_run_is_busy_with_exit_3(tmp_path, tiny_llama):
+    """Exit 3, not 1 (a stage failed) nor 2 (bad input): the run folder is held; the first run carries on."""
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    recipe["stages"] = recipe["stages"][:1]
+    recipe["stages"][0]["train"].update(max_steps=40, save_steps=20)
+    path = write_recipe(tmp_path, recipe)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "align", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        line = ""
+        while time.time() < deadline and "running sft" not in line:  # the first run holds the lock by now
+            line = first.stdout.readline()
+        second = align("run", str(path))
+        assert second.returncode == 3, second.stdout[-2000:] + second.stderr[-2000:]
+        assert "held by another align process" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        rest = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, rest[-3000:]
+    assert stage_json(tmp_path / "runs" / "tiny", "sft")["metrics"]["steps"] == 40

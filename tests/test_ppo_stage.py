@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from conftest import align, write_recipe
 from test_preference_stages import PY, REWARD, SFT, TRAIN, chain_recipe
 
@@ -98,4 +99,14 @@ def test_kill_during_ppo_then_resume(tmp_path, tiny_llama) -> None:
     assert m["resumed_from"] is not None and int(m["resumed_from"].split("-")[1]) >= kept[0]
     assert m["steps"] == 40
     log = [json.loads(x) for x in (tmp_path / "runs" / "chain" / "ppo" / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 40
+    assert [r["step"] for r in log] == list(range(1, 41))  # each step once, though some ran twice
+    # one recipe and seed, one set of weights: killed and resumed, or run straight through (twice)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["output_dir"] = str(tmp_path / "straight")
+    straight = write_recipe(tmp_path, recipe, "straight.yaml")
+    for attempt in ("run", "again"):
+        res = align("run", str(straight), *(["--force", "ppo"] if attempt == "again" else []))
+        assert res.returncode == 0, res.stderr[-3000:]
+        s = json.loads((tmp_path / "straight" / "chain" / "ppo" / "stage.json").read_text())["metrics"]
+        assert s["weights_sha256"] == m["weights_sha256"], attempt
+        assert s["reward_last"] == m["reward_last"] and s["kl_last"] == m["kl_last"], attempt

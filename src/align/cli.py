@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 EPILOG = """\
 overrides: KEY.PATH=VALUE pairs after the recipe, YAML-typed, e.g.
   stages.sft.train.max_steps=5   (list items by name or index)   model=./my-model   seed=1
-exit codes: 0 done, 1 a stage failed while running, 2 bad recipe or input, 130 interrupted (resumable)
+exit codes: 0 done, 1 a stage failed while running, 2 bad recipe or input (nothing ran), 3 the run is busy
+  (another align process holds it; nothing ran), 130 interrupted (resumable)
 """
 
 

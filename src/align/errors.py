@@ -33,6 +33,12 @@ class RecipeError(AlignError):
         return "\n".join(lines)
 
 
+class Busy(AlignError):
+    """Another align process holds the run (or the stage): nothing was done, exit code 3. Wait, or stop it."""
+
+    exit_code = 3
+
+
 class StageFailed(AlignError):
     """A stage process failed while running (exit code 1)."""
 

@@ -223,12 +223,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _sets_dynamo(path: Path) -> bool:
+def _config(path: Path) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(cfg, dict) and ("dynamo_config" in cfg or "dynamo_backend" in cfg)
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _unsaid_defaults(path: Path, num_processes: int, env: Mapping[str, str]) -> list[str]:
+    """accelerate's own defaults, said out loud, so that it does not warn about them on every launch: dynamo off,
+    and on a CPU config its threads per process (physical cores / local processes, as accelerate computes them)."""
+    cfg, args = _config(path), []
+    if "dynamo_config" not in cfg and "dynamo_backend" not in cfg:
+        args += ["--dynamo_backend", "no"]
+    if cfg.get("use_cpu") and not env.get("OMP_NUM_THREADS") and "num_cpu_threads_per_process" not in cfg:
+        import psutil
+
+        local = max(num_processes // max(int(cfg.get("num_machines") or 1), 1), 1)
+        threads = int((psutil.cpu_count(logical=False) or 1) / local)
+        if threads > 1:
+            args += ["--num_cpu_threads_per_process", str(threads)]
+    return args
 
 
 def launch_command(
@@ -255,8 +271,7 @@ def launch_command(
         cmd += ["--main_process_port", str(free_port())]
         return cmd + stage_args, new_env
     cmd += ["--config_file", str(info.config_path), "--num_processes", str(info.num_processes), "--mixed_precision", mp]
-    if not _sets_dynamo(info.config_path):
-        cmd += ["--dynamo_backend", "no"]  # accelerate's default, said out loud: otherwise it warns every launch
+    cmd += _unsaid_defaults(info.config_path, info.num_processes, env)
     if info.num_machines > 1:
         rank = env.get("MACHINE_RANK") or env.get("NODE_RANK") or env.get("SLURM_NODEID")
         addr = env.get("MAIN_PROCESS_IP") or env.get("MASTER_ADDR")

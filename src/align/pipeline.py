@@ -28,7 +28,7 @@ from typing import Any
 
 from align import __version__, distributed
 from align.data import dataset_identity, file_hash
-from align.errors import AlignError, RecipeError, StageFailed
+from align.errors import AlignError, Busy, RecipeError, StageFailed
 from align.models import ResolvedModel, _embedded_gguf, resolve_model
 from align.recipe import Recipe, load_recipe
 from align.rundir import (
@@ -216,7 +216,14 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
             t0 = time.time()
             print(start_line(plan, sp), flush=True)
             if node == 0 or spans_nodes(plan, sp):
-                launch_stage(plan, sp, fresh=sp.name in force, node=node)
+                try:
+                    launch_stage(plan, sp, fresh=sp.name in force, node=node)
+                except RecipeError as e:
+                    if not any(r["ran"] for r in rows):
+                        raise
+                    # exit 2 says nothing ran; earlier stages of this run did (and are kept, done)
+                    done = ", ".join(r["name"] for r in rows if r["ran"])
+                    raise StageFailed(f"{e} (stages {done} ran and are kept; fix this and run again)") from None
             if node != 0:
                 wait_done(sp)  # a one-machine stage (eval, say) runs on node 0 only
             refresh(plan, i)  # this stage is done now; later fingerprints may change with its output
@@ -227,12 +234,11 @@ def run(plan: Plan, *, force: set[str] = frozenset(), only: str | None = None) -
 
 
 def start_line(plan: Plan, sp: StagePlan) -> str:
-    """`[align] sft: sft (lora) from base | accelerate multi_cpu x2 | 24 steps | resuming from checkpoint-8`."""
+    """`[align] sft: running sft (lora) from base | multi_cpu x2 | 24 steps | resuming from checkpoint-8`."""
     st, kind = sp.stage, stage_of(sp.stage)
     adapter = getattr(st, "adapter", None)
-    parts = [st.type + (f" ({adapter.type})" if adapter is not None else ""), f"on {kind.describe_inputs(sp)}"]
-    if not kind.evaluates:
-        parts[-1] = f"from {kind.describe_inputs(sp)}"
+    what = st.type + (f" ({adapter.type})" if adapter is not None else "")
+    parts = [f"{what} {'on' if kind.evaluates else 'from'} {kind.describe_inputs(sp)}"]
     if sp.name in plan.launches:
         parts.append(plan.launches[sp.name][0].describe())
     elif st.launch.mode != "python":
@@ -243,9 +249,11 @@ def start_line(plan: Plan, sp: StagePlan) -> str:
         parts.append(f"{steps} steps" if isinstance(steps, int) and steps > 0 else f"{epochs or 1:g} epochs")
     if sp.status == "resumable":
         parts.append(f"resuming {sp.detail}")
-    elif sp.status in ("changed", "forced"):
-        parts.append("again: " + (sp.detail or "forced") if sp.status == "changed" else "forced")
-    return f"[align] {sp.name}: " + " | ".join(parts)
+    elif sp.status == "changed":
+        parts.append(f"again: {sp.detail}")
+    elif sp.status == "forced":
+        parts.append("forced")
+    return f"[align] {sp.name}: running " + " | ".join(parts)
 
 
 def write_run_record(plan: Plan) -> None:
@@ -355,6 +363,8 @@ def launch_stage(plan: Plan, sp: StagePlan, *, fresh: bool = False, node: int = 
         pf.unlink(missing_ok=True)
     if code == 2:
         raise RecipeError(f"stage `{sp.name}` rejected its input (see the message above)", sp.name)
+    if code == 3:
+        raise Busy(f"stage `{sp.name}` is held by another align process (see the message above)")
     if code != 0:
         raise StageFailed(f"stage `{sp.name}` failed (exit {code}); its partial state is in {sp.partial_dir}")
 

@@ -17,7 +17,7 @@ from align.errors import RecipeError, did_you_mean
 from align.spec import AdapterSpec, DatasetSpec, LaunchSpec, ModelSpec, RecipeSpec
 from align.stages.registry import BY_NAME, STAGE_TYPES, STAGES, stage_of
 from align.trl_compat import check_trainer_args
-from align.yamlio import load_yaml_text
+from align.yamlio import load_yaml_text, read_text_file
 
 STAGE_UNION = Union[tuple(s.spec for s in STAGES)]  # noqa: UP007 - built from the registry at run time
 StageUnion = Annotated[STAGE_UNION, Field(discriminator="type")]
@@ -68,15 +68,22 @@ class Recipe(RecipeSpec):
 # ---------------------------------------------------------------- loading, extends, overrides
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(path: Path, via: str = "") -> dict[str, Any]:
+    """One recipe file as a mapping; `via` says which file's `extends:` named it, for the message."""
+    where = f"{path}{via}"
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", "recipe")
     try:
-        data = load_yaml_text(path.read_text())
+        data = load_yaml_text(read_text_file(path))
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"cannot read the recipe: {e}", where) from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"not valid YAML: {e}", str(path)) from None
+        raise RecipeError(f"not valid YAML: {e}", where) from None
     if not isinstance(data, dict):
-        raise RecipeError("a recipe must be a mapping of keys (name, model, datasets, stages)", str(path))
+        got = "empty" if data is None else f"a {type(data).__name__}"
+        raise RecipeError(
+            f"a recipe must be a mapping of keys (name, model, datasets, stages); this file is {got}", where
+        )
     return data
 
 
@@ -100,21 +107,25 @@ def deep_merge(base: Any, over: Any) -> Any:
 
 
 def _named_list(x: Any) -> bool:
-    return isinstance(x, list) and bool(x) and all(isinstance(i, dict) and "name" in i for i in x)
+    return isinstance(x, list) and bool(x) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in x)
 
 
 def _resolve_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         raise RecipeError(f"`extends` loops: {' -> '.join(p.name for p in chain + (path,))}", "extends")
-    data = _load_yaml(path)
+    via = f" (named by `extends:` in {chain[-1].name})" if chain else ""
+    data = _load_yaml(path, via)
     parent = data.pop("extends", None)
     _absolutize_paths(data, path.parent)
     if parent is None:
         return data
     if not isinstance(parent, str):
         raise RecipeError("must be a path to another recipe", "extends")
-    parent_path = (path.parent / parent).resolve()
+    try:
+        parent_path = (path.parent / parent).resolve()
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"not a usable path ({e})", f"{path.name}: extends") from None
     if not parent_path.is_file():
         raise RecipeError(f"recipe to extend not found: {parent_path}", "extends")
     return deep_merge(_resolve_extends(parent_path, chain + (path,)), data)
@@ -122,7 +133,8 @@ def _resolve_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]
 
 def _absolutize_paths(data: dict[str, Any], root: Path) -> None:
     """Relative dataset paths are relative to the recipe file that names them, so `extends` works anywhere."""
-    for spec in (data.get("datasets") or {}).values():
+    datasets = data.get("datasets")
+    for spec in datasets.values() if isinstance(datasets, dict) else []:  # other shapes: the schema says why
         if isinstance(spec, dict):
             for key in ("path", "eval_path"):
                 p = spec.get(key)
@@ -130,8 +142,9 @@ def _absolutize_paths(data: dict[str, Any], root: Path) -> None:
                     cand = root / p
                     if cand.exists() or p.startswith("."):
                         spec[key] = str(cand.resolve())
-    for st in data.get("stages") or []:
-        if isinstance(st, dict) and st.get("type") in BY_NAME:
+    stages = data.get("stages")
+    for st in stages if isinstance(stages, list) else []:
+        if isinstance(st, dict) and isinstance(st.get("type"), str) and st["type"] in BY_NAME:
             for key in BY_NAME[st["type"]].path_fields:  # a stage type's own fields that name files
                 if isinstance(st.get(key), str) and st[key].startswith("."):
                     st[key] = str((root / st[key]).resolve())
@@ -216,8 +229,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def _raw_train_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     """Trainer-argument problems too, when the schema already failed, so every error is reported at once."""
     out = []
-    for i, st in enumerate(data.get("stages") or []):
-        if isinstance(st, dict) and st.get("type") in BY_NAME and isinstance(st.get("train"), dict):
+    stages = data.get("stages")
+    for i, st in enumerate(stages if isinstance(stages, list) else []):
+        if (
+            isinstance(st, dict)
+            and isinstance(st.get("type"), str)
+            and st["type"] in BY_NAME
+            and isinstance(st.get("train"), dict)
+        ):
             cls = BY_NAME[st["type"]].trainer_config
             if cls is not None:
                 out += check_trainer_args(st["train"], cls, f"stages[{i}]({st.get('name')}).train")

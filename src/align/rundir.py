@@ -31,7 +31,7 @@ import yaml
 
 from align import distributed
 from align.data import dataset_identity, file_hash
-from align.errors import AlignError, RecipeError
+from align.errors import AlignError, Busy, RecipeError
 from align.models import ResolvedModel, locate, relocatable
 from align.spec import RecipeSpec, StageSpec
 
@@ -259,7 +259,7 @@ def run_lock(run_dir: Path, name: str = ".lock", wait_s: float = 0) -> Iterator[
             except BlockingIOError:
                 if time.time() >= deadline:
                     fh.seek(0)
-                    raise AlignError(
+                    raise Busy(
                         f"{run_dir / name} is held by another align process ({fh.read().strip() or '?'}); "
                         "wait for it or stop it"
                     ) from None

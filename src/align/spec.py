@@ -6,15 +6,19 @@ joins them into the recipe schema. Leaf module: imports nothing of align's but t
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from align.errors import RecipeError, did_you_mean
 
 AdapterType = Literal["lora", "dora", "qlora", "full"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text", "preference", "hh_rlhf"]
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+SEED_MAX = 2**32 - 1  # numpy's seed range; transformers' set_seed seeds numpy too
+MAX_LORA_RANK = 16384  # no model's hidden size is larger; the exact bound (the model's) is checked at plan time
 
 
 class Strict(BaseModel):
@@ -26,7 +30,7 @@ class ModelSpec(Strict):
 
     name_or_path: str
     revision: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = Field(False, description='true or false; a string such as "yes" is refused')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     chat_template: str | None = Field(None, description="path to a .jinja file that replaces the tokenizer's")
 
@@ -54,7 +58,7 @@ class AdapterSpec(Strict):
     """How the stage adapts the model. `full` trains every weight; the others are peft adapters."""
 
     type: AdapterType = "lora"
-    r: int = Field(16, gt=0)
+    r: int = Field(16, gt=0, le=MAX_LORA_RANK, description="LoRA rank; at most the model's hidden size")
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -105,12 +109,123 @@ class RecipeSpec(Strict):
     description: str = ""
     model: ModelSpec
     output_dir: str = Field("runs", description="run folders go to <output_dir>/<name>/")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _datasets_mapping(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, dict):
+            raise PydanticCustomError(
+                "datasets_shape",
+                f"must be a mapping of dataset names to specs, not a {type(v).__name__}; write "
+                "`datasets: {train: {path: ./train.jsonl}}` and name `train` in a stage's `data:`",
+            )
+        return {} if v is None else v
+
+    @field_validator("stages")
+    @classmethod
+    def _value_ranges(cls, stages: list[Any]) -> list[Any]:
+        problems: list[tuple[str, str]] = []
+        for i, st in enumerate(stages):
+            where = f"stages[{i}]({st.name})"
+            if isinstance(getattr(st, "train", None), dict):
+                problems += train_value_problems(st.train, f"{where}.train")
+            if isinstance(getattr(st, "data", None), dict):
+                problems += weight_problems(st.data, f"{where}.data")
+        if problems:
+            raise SpecProblems(problems)
+        return stages
 
     def stage(self, name: str) -> Any:
         for st in self.stages:
             if st.name == name:
                 return st
         raise RecipeError(f"no stage named `{name}`{did_you_mean(name, [s.name for s in self.stages])}", "stage")
+
+
+# ---------------------------------------------------------------- value ranges of `train:` (a free mapping)
+
+
+class SpecProblems(RecipeError, ValueError):
+    """Problems found by a validator: a ValueError, so pydantic goes on collecting the other fields' errors, and a
+    RecipeError, so `align.recipe` reports each with its own field path (`stages[0](sft).train.learning_rate`)."""
+
+
+POSITIVE = ("learning_rate", "value_learning_rate", "num_train_epochs")
+AT_LEAST_ONE = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "eval_accumulation_steps",
+    "batch_size",
+    "mini_batch_size",
+    "max_length",
+    "max_prompt_length",
+    "max_completion_length",
+)
+INTERVALS = ("save_steps", "logging_steps", "eval_steps")  # > 0; below 1 transformers reads a share of the run
+SEEDS = ("seed", "data_seed")
+NON_NEGATIVE = ("weight_decay", "warmup_steps")
+HINTS = {
+    "learning_rate": "; typical: 1e-4..1e-3 for a LoRA adapter, 1e-5..5e-5 for full weights",
+    "num_train_epochs": "; or set `max_steps`",
+}
+
+
+def _number(v: Any) -> float | None:
+    """The value as a number (a quoted "2e-5" too, as the trainer arguments are coerced); None if not one (the
+    type check reports those)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def train_value_problems(train: dict[str, Any], path: str) -> list[tuple[str, str]]:
+    """Values the trainer would accept and then misbehave on (transformers takes `learning_rate: -1`,
+    `per_device_train_batch_size: 0`, `max_steps: -5` and `seed: 2**70` without a word)."""
+    out = []
+    for key, value in train.items():
+        x = _number(value)
+        if x is None:
+            continue
+        where, got = f"{path}.{key}", f"(got {value!r})"
+        if not math.isfinite(x):
+            out.append((where, f"must be a finite number {got}"))
+        elif key in POSITIVE and x <= 0:
+            out.append((where, f"must be greater than 0 {got}{HINTS.get(key, '')}"))
+        elif key in AT_LEAST_ONE and x < 1:
+            out.append((where, f"must be at least 1 {got}"))
+        elif key in INTERVALS and x <= 0:
+            out.append((where, f"must be greater than 0 {got}: a whole number of steps, or below 1 a share of the run"))
+        elif key in NON_NEGATIVE and x < 0:
+            out.append((where, f"must be 0 or more {got}"))
+        elif key == "max_steps" and x != -1 and x < 1:
+            out.append((where, f"must be at least 1, or -1 to train for `num_train_epochs` epochs {got}"))
+        elif key in SEEDS and not (x == int(x) and 0 <= x <= SEED_MAX):
+            out.append((where, f"must be a whole number from 0 to {SEED_MAX} (2**32 - 1) {got}"))
+    return out
+
+
+def weight_problems(weights: dict[str, Any], path: str) -> list[tuple[str, str]]:
+    """Mixture weights: each dataset's share, > 0 (weight 2 repeats a dataset twice)."""
+    out = []
+    for name, w in weights.items():
+        x = _number(w)
+        if x is not None and not (math.isfinite(x) and x > 0):
+            out.append(
+                (
+                    f"{path}.{name}",
+                    f"mixture weight must be a positive number (got {w!r}); to leave `{name}` out, "
+                    "remove it from the mapping",
+                )
+            )
+    return out

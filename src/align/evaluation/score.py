@@ -146,21 +146,21 @@ def read_predictions(path: Path) -> list[str]:
     return out
 
 
-def write_outputs(results: list[dict[str, Any]], out: Path) -> str:
-    """metrics.json, summary.md and comparison.png as the eval stage writes them; returns the table.
-
-    Scoring loads no model and runs in one process: ``peak_memory_bytes`` is null."""
+def write_outputs(
+    results: list[dict[str, Any]], out: Path, *, processes: int = 1, peak_memory_bytes: int | None = None
+) -> str:
+    """metrics.json, summary.md and comparison.png of an evaluation (an eval stage, `align eval`, `align score`);
+    returns the table. Scoring saved outputs loads no model: ``peak_memory_bytes`` is null there."""
     from align.evaluation.compare import SCHEMA
     from align.evaluation.plot import plot_results
     from align.rundir import library_versions
-    from align.stages.evaluate import summary_table
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = {
         "schema": SCHEMA,
         "versions": library_versions(),
-        "processes": 1,
-        "peak_memory_bytes": None,
+        "processes": processes,
+        "peak_memory_bytes": peak_memory_bytes,
         "results": results,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -168,6 +168,26 @@ def write_outputs(results: list[dict[str, Any]], out: Path) -> str:
     (out / "summary.md").write_text(table)
     plot_results(results, out / "comparison.png")
     return table
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: one row per task/metric, one column per target, plus the change from the first target."""
+    targets = list(dict.fromkeys(r["target"] for r in results))
+    keys = list(dict.fromkeys(f"{r['task']}/{r['metric']}" for r in results))
+    value = {(r["target"], f"{r['task']}/{r['metric']}"): r["value"] for r in results}
+    multi = len(targets) > 1
+    lines = [
+        "| metric | " + " | ".join(targets) + (" | change |" if multi else " |"),
+        "|" + "---|" * (len(targets) + 1 + multi),
+    ]
+    for k in keys:
+        vals = [value.get((t, k)) for t in targets]
+        cells = " | ".join(f"{v:.3f}" if v is not None else "-" for v in vals)
+        change = ""
+        if multi and vals[0] and vals[-1] is not None:
+            change = f" {100 * (vals[-1] - vals[0]) / vals[0]:+.1f}% |"
+        lines.append(f"| {k} | {cells} |{change}")
+    return "\n".join(lines) + "\n"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -189,7 +209,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _load_task(name: str, limit: int | None) -> Any:
-    from align.stages.evaluate import load_task_spec
+    from align.evaluation.tasks import load_task as load_task_spec
 
     if limit is not None and limit < 1:
         raise RecipeError(f"must be at least 1 (got {limit})", "--limit")

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from align import distributed
 from align.console import orchestrated
-from align.data import check_format, data_files, is_local, mix, peek_rows, train_eval_split
+from align.data import check_format, is_local, mix, peek_rows, scan_dataset, train_eval_split
 from align.errors import NonFiniteLoss, RecipeError
 from align.rundir import Plan, StagePlan, latest_checkpoint
 
@@ -44,26 +44,58 @@ def names(data: str | list[str] | dict[str, float]) -> list[str]:
 
 
 def check_data(plan: Plan, sp: StagePlan, formats: tuple[str, ...]) -> tuple[dict[str, str], list[Problem]]:
-    """Formats of a stage's local datasets (first rows only) and every problem found."""
+    """Formats of a stage's local datasets and every problem found. Every file is read in full, as the stage
+    will read it (`align.data.scan_dataset`, cached by content); the LoRA rank is checked against the model."""
     stage, recipe = sp.stage, plan.recipe
     problems: list[Problem] = []
     found_formats: dict[str, str] = {}
+    need_assistant = getattr(stage, "loss_on", None) == "completion"  # sft trains on the last assistant turn
     for name in names(stage.data) + ([stage.eval_data] if getattr(stage, "eval_data", None) else []):
         spec = recipe.datasets[name]
         if not is_local(spec.path):
             plan.warnings.append(f"dataset `{name}`: hub id `{spec.path}` is checked when the stage loads it")
             continue
-        try:
-            rows = peek_rows(spec.path)
-            if spec.eval_path:
-                data_files(spec.eval_path)
-        except RecipeError as e:
-            problems += [(f"datasets.{name}.{p}", m) for p, m in e.problems]
-            continue
-        found_fmt, found = check_format(rows, spec, formats, f"datasets.{name}", who=stage.type)
-        found_formats[name] = found_fmt
-        problems += [(p, f"{m} (used by stage `{stage.name}`)") for p, m in found]
+        for which in ("path", "eval_path") if spec.eval_path else ("path",):
+            scan = scan_dataset(spec, formats, who=stage.type, which=which, need_assistant=need_assistant)
+            where = f"datasets.{name}" + ("" if which == "path" else ".eval_path")
+            problems += [
+                (f"datasets.{name}.{p}" if p else where, f"{m} (used by stage `{stage.name}`)")
+                for p, m in scan.problems
+            ]
+            notes = [f"dataset `{name}`{'' if which == 'path' else ' (eval_path)'}: {w}" for w in scan.warnings]
+            plan.warnings += [w for w in notes if w not in plan.warnings]
+            if which == "path":
+                found_formats[name] = scan.format
+            elif not scan.problems and scan.format != found_formats.get(name, scan.format):
+                problems.append(
+                    (where, f"holds `{scan.format}` rows but `path` holds `{found_formats[name]}`; use one format")
+                )
+    adapter = getattr(stage, "adapter", None)
+    width = _model_width(plan.base.path) if adapter is not None and adapter.type != "full" else None
+    if width is not None and adapter.r > width:
+        problems.append(
+            (
+                f"{sp.where}.adapter.r",
+                f"rank {adapter.r} is larger than the model's hidden size ({width}); a LoRA rank is at most that "
+                "(8 to 64 is usual)",
+            )
+        )
     return found_formats, problems
+
+
+def _model_width(folder: Path | None) -> int | None:
+    """The hidden size in a model folder's config.json (None when there is no readable one yet)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text()) if folder else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in ("hidden_size", "n_embd", "d_model"):
+            if isinstance(c, dict) and isinstance(c.get(key), int):
+                return c[key]
+    return None
 
 
 def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> list[Problem]:
@@ -203,6 +235,8 @@ def train(trainer: Any, sp: StagePlan, guard: Guard, *, evaluate_before: bool = 
     if resume is not None and distributed.is_main() and not orchestrated():  # align run's start line says it
         print(f"[align] {sp.name}: resuming from {resume.name}", flush=True)
     guard.resumed_from = resume.name if resume else None
+    if resume is not None and distributed.is_main():
+        guard.truncate(int(resume.name.split("-")[1]))  # steps after the checkpoint run again, and log again
     with guard.trap_sigint():
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if distributed.any_rank(guard.interrupted):
@@ -258,10 +292,11 @@ def save_policy(
 def train_metrics(
     trainer: Any, result: Any, guard: Guard, before: dict[str, Any], trained: dict[str, Any]
 ) -> dict[str, Any]:
+    first, last, mean = logged_losses(guard.log_path)  # the whole stage's log: the same after a resume
     return {
-        "train_loss": result.training_loss,
-        "first_loss": guard.first_loss,
-        "last_loss": guard.last_loss,
+        "train_loss": mean if mean is not None else result.training_loss,
+        "first_loss": first if first is not None else guard.first_loss,
+        "last_loss": last if last is not None else guard.last_loss,
         "steps": trainer.state.global_step,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "trainable_params": sum(t.numel() for t in trained.values()),
@@ -274,6 +309,31 @@ def train_metrics(
         "weights_sha256": distributed.state_hash(trained),
         "trainable_dtype": str(next(iter(trained.values())).dtype).replace("torch.", "") if trained else None,
     }
+
+
+def logged_losses(log: Path, key: str = "loss") -> tuple[float | None, float | None, float | None]:
+    """(first, last, mean per step) of the training loss in a stage's train_log.jsonl, over every attempt: a
+    resumed stage reports what an uninterrupted one would. A logged loss averages its logging interval."""
+    by_step: dict[int, float] = {}
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return None, None, None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(rec, dict) and key in rec and "step" in rec and "train_loss" not in rec:
+            by_step[int(rec["step"])] = float(rec[key])
+    if not by_step:
+        return None, None, None
+    steps = sorted(by_step)
+    total, prev = 0.0, 0
+    for step in steps:
+        total += by_step[step] * (step - prev)
+        prev = step
+    return by_step[steps[0]], by_step[steps[-1]], total / steps[-1]
 
 
 class Guard(TrainerCallback):
@@ -324,6 +384,20 @@ class Guard(TrainerCallback):
         if loss is not None:
             self.first_loss = float(loss) if self.first_loss is None else self.first_loss
             self.last_loss = float(loss)
+
+    def truncate(self, step: int) -> None:
+        """Resuming from checkpoint-`step`: drop the log of the steps after it (they run again)."""
+        if not self.log_path.is_file():
+            return
+        keep = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= step and "train_loss" not in rec:
+                keep.append(line + "\n")
+        self.log_path.write_text("".join(keep))
 
     def log(self, record: dict[str, Any]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

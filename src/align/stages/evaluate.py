@@ -15,12 +15,12 @@ from pydantic import Field, model_validator
 
 from align import distributed
 from align.console import orchestrated, show_bars, verbose
-from align.data import TEXT_FORMATS, check_format, is_local, load_rows, peek_rows, texts_of
+from align.data import TEXT_FORMATS, check_format, is_local, load_rows, peek_rows, scan_dataset, texts_of
 from align.errors import RecipeError, did_you_mean
 from align.memory import StageMemoryInput, Workload
 from align.models import plan_tokenizer
 from align.resources import data_root
-from align.rundir import Plan, StagePlan, input_artifact, library_versions, read_stage_json, write_common
+from align.rundir import Plan, StagePlan, input_artifact, read_stage_json, write_common
 from align.spec import LaunchSpec, RecipeSpec, StageSpec, Strict
 from align.stages.base import Problem, Record, Stage
 
@@ -137,12 +137,9 @@ def check(plan: Plan, sp: StagePlan) -> list[Problem]:
         if not is_local(spec.path):
             plan.warnings.append(f"dataset `{task.data}`: hub id `{spec.path}` is checked when the stage loads it")
             continue
-        try:
-            rows = peek_rows(spec.path)
-        except RecipeError as e:
-            problems += [(f"datasets.{task.data}.{p}", m) for p, m in e.problems]
-            continue
-        problems += check_format(rows, spec, Eval.formats, f"datasets.{task.data}", who=Eval.name)[1]
+        scan = scan_dataset(spec, Eval.formats, who=Eval.name)  # every row, as the stage reads them
+        problems += [(f"datasets.{task.data}.{p}" if p else f"datasets.{task.data}", m) for p, m in scan.problems]
+        plan.warnings += [w for w in (f"dataset `{task.data}`: {x}" for x in scan.warnings) if w not in plan.warnings]
     return problems
 
 
@@ -229,7 +226,6 @@ def evaluate(
     and comparison.png (bars per target, stderr error bars).
 
     Shared by the eval stage and `align eval`."""
-    from align.evaluation.compare import SCHEMA
     from align.evaluation.perplexity import perplexity
     from align.evaluation.runner import run_task
     from align.models import load_for_inference
@@ -287,19 +283,11 @@ def evaluate(
         del model
     if not main:
         return results
-    metrics = {
-        "schema": SCHEMA,
-        "versions": library_versions(),
-        "processes": distributed.world_size(),
-        "peak_memory_bytes": distributed.peak_memory_bytes(),
-        "results": results,
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    table = summary_table(results)
-    (out / "summary.md").write_text(table)
-    from align.evaluation.plot import plot_results
+    from align.evaluation.score import write_outputs
 
-    plot_results(results, out / "comparison.png")
+    table = write_outputs(
+        results, out, processes=distributed.world_size(), peak_memory_bytes=distributed.peak_memory_bytes()
+    )
     if not orchestrated() or verbose():  # under `align run` the closing summary shows this table
         print(table, flush=True)
     return results
@@ -333,23 +321,3 @@ def resolve_target(ref: str) -> tuple[str, dict[str, Any], Path]:
         return p.name, {"kind": "model", "path": str(p)}, p
     m = resolve_model(ref, materialize=True)
     return ref, {"kind": "model", "path": str(m.path)}, Path(str(m.path))
-
-
-def summary_table(results: list[dict[str, Any]]) -> str:
-    """Markdown: one row per task/metric, one column per target, plus the change from the first target."""
-    targets = list(dict.fromkeys(r["target"] for r in results))
-    keys = list(dict.fromkeys(f"{r['task']}/{r['metric']}" for r in results))
-    value = {(r["target"], f"{r['task']}/{r['metric']}"): r["value"] for r in results}
-    multi = len(targets) > 1
-    lines = [
-        "| metric | " + " | ".join(targets) + (" | change |" if multi else " |"),
-        "|" + "---|" * (len(targets) + 1 + multi),
-    ]
-    for k in keys:
-        vals = [value.get((t, k)) for t in targets]
-        cells = " | ".join(f"{v:.3f}" if v is not None else "-" for v in vals)
-        change = ""
-        if multi and vals[0] and vals[-1] is not None:
-            change = f" {100 * (vals[-1] - vals[0]) / vals[0]:+.1f}% |"
-        lines.append(f"| {k} | {cells} |{change}")
-    return "\n".join(lines) + "\n"

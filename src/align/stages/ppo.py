@@ -189,7 +189,12 @@ def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
     tokenizer = plan_tokenizer(plan)
     chat = bool(tokenizer.chat_template)
     trackers = tracking.ppo_trackers(plan.run_dir, stage.name, cfg.report_to)
+    from accelerate.utils import set_seed
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers)
+    # the adapter's initial weights and anything else drawn before the trainer seeds its sampling: the same seed
+    # on every rank, so a recipe and seed give the same PPO weights, killed or not
+    set_seed(cfg.seed)
     if trackers:
         accelerator.init_trackers(stage.name, config=tracking.scalars(dataclasses.asdict(cfg)))
     if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
@@ -237,6 +242,8 @@ def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
 
     # train
     resume = latest_checkpoint(sp)
+    if resume is not None and accelerator.is_main_process:
+        guard.truncate(int(resume.name.split("-")[1]))  # the steps after the checkpoint run again, and log again
     if accelerator.is_main_process and not verbose():
         line.append(ProgressLine(stage.name, cfg.max_steps, start_step=int(resume.name.split("-")[1]) if resume else 0))
     if resume is not None and not orchestrated():
