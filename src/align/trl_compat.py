@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import re
 import types
 import typing
 import warnings
@@ -61,8 +62,13 @@ def trainer(class_name: str) -> type:
 RESERVED = {
     "output_dir": "align writes to runs/<run>/<stage>/; set `output_dir` at the top of the recipe instead",
     "resume_from_checkpoint": "align resumes interrupted stages by itself; use `align run --force STAGE` to restart",
-    "hub_model_id": "pushing is a stage of its own",
-    "push_to_hub": "pushing is a stage of its own",
+    "hub_token": "a token in a recipe would land in config.yaml and the run folder; set HF_TOKEN in the "
+    "environment (or run `hf auth login`) and align's push reads it from there",
+    **dict.fromkeys(
+        ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision"),
+        "pushing is a stage of its own: add `{type: push, from: STAGE, repo_id: ORG/NAME}` (private, revision: "
+        "fields of that stage), or run `align push RUN --repo-id ORG/NAME` after the run",
+    ),
 }
 
 
@@ -76,9 +82,37 @@ def check_trainer_args(args: dict[str, Any], config_cls: type, path: str) -> lis
             problems.append((where, f"not allowed here: {RESERVED[key]}"))
         elif key not in types:
             problems.append((where, f"unknown {config_cls.__name__} field{did_you_mean(key, types)}"))
-        elif not _matches(types[key], value):
+        elif not _matches(types[key], value) and not (key in _LISTED_IN_HELP and isinstance(value, str)):
+            # (TRL takes one loss type as a plain string too)
             problems.append((where, f"expected {_type_name(types[key])}, got {value!r} ({type(value).__name__})"))
+        elif (choices := field_choices(config_cls, key)) and (
+            bad := [
+                v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v not in choices
+            ]
+        ):
+            problems.append((where, f"`{bad[0]}` is not one of {', '.join(choices)}{did_you_mean(bad[0], choices)}"))
     return problems
+
+
+_LISTED_IN_HELP = {"loss_type"}  # TRL lists these fields' values only in their help text (checked at train time)
+_VALUES = re.compile(r"(?:Possible|Supported|Valid|Allowed) values are:?\s*(.*?)(?:\.\s|\.?$)", re.S)
+
+
+def field_choices(config_cls: type, name: str) -> list[str]:
+    """The values TRL accepts for a string field: its `choices` metadata, or the list its help text gives
+    ("Possible values are: 'sigmoid', 'hinge', ..."), which is what the trainer checks later. [] when open."""
+    for f in dataclasses.fields(config_cls):
+        if f.name != name:
+            continue
+        if f.metadata.get("choices"):
+            return [str(c) for c in f.metadata["choices"]]
+        found = _VALUES.search(str(f.metadata.get("help", ""))) if name in _LISTED_IN_HELP else None
+        values = re.findall(r"'([A-Za-z0-9_.\-]+)'", found.group(1)) if found else []
+        default = f.default_factory() if f.default is dataclasses.MISSING and callable(f.default_factory) else f.default
+        defaults = default if isinstance(default, list) else [default]
+        # a help text that does not list its own default is not a list to trust
+        return values if values and all(d in values for d in defaults if isinstance(d, str)) else []
+    return []
 
 
 def coerce_trainer_args(args: dict[str, Any], config_cls: type) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from align import distributed
 from align.console import orchestrated
 from align.data import check_format, is_local, mix, peek_rows, scan_dataset, train_eval_split
-from align.errors import NonFiniteLoss, RecipeError
+from align.errors import NonFiniteLoss, RecipeError, StageFailed
 from align.rundir import Plan, StagePlan, latest_checkpoint
 
 Problem = tuple[str, str]
@@ -237,7 +237,7 @@ def train(trainer: Any, sp: StagePlan, guard: Guard, *, evaluate_before: bool = 
     guard.resumed_from = resume.name if resume else None
     if resume is not None and distributed.is_main():
         guard.truncate(int(resume.name.split("-")[1]))  # steps after the checkpoint run again, and log again
-    with guard.trap_sigint():
+    with guard.trap_sigint(), disk_full_is_said(sp):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if distributed.any_rank(guard.interrupted):
         trainer.accelerator.wait_for_everyone()
@@ -309,6 +309,45 @@ def train_metrics(
         "weights_sha256": distributed.state_hash(trained),
         "trainable_dtype": str(next(iter(trained.values())).dtype).replace("torch.", "") if trained else None,
     }
+
+
+DISK_MESSAGES = ("iostream error", "No space left", "file write failed", "PytorchStreamWriter failed")
+
+
+@contextlib.contextmanager
+def disk_full_is_said(sp: StagePlan) -> Any:
+    """A full disk while a checkpoint is written says so (torch reports `basic_ios::clear: iostream error`), and
+    names the checkpoint a re-run resumes from; the partial folder is left as it is, resumable."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        message = disk_full(e, sp)
+        if message is None:
+            raise
+        raise StageFailed(message) from None
+
+
+def disk_full(exc: BaseException, sp: StagePlan) -> str | None:
+    import errno
+    import shutil
+
+    chain = [x for x in (exc, exc.__cause__, exc.__context__) if x is not None]
+    enospc = any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain)
+    stream = any(isinstance(x, RuntimeError) and any(m in str(x) for m in DISK_MESSAGES) for x in chain)
+    if not (enospc or stream):
+        return None
+    try:
+        free = shutil.disk_usage(sp.partial_dir).free
+    except OSError:
+        free = 0
+    if not enospc and free > 256 * 2**20:
+        return None  # a write failed with room to spare: not this (the original error is the better message)
+    kept = latest_checkpoint(sp)
+    return (
+        f"the disk is full: writing stage `{sp.name}`'s checkpoint in {sp.partial_dir} failed ({free / 2**20:.1f} MiB "
+        f"free there). Free some space (or point `output_dir` at a larger disk), then run the same command again: "
+        + (f"it resumes from {kept.name}" if kept else "no whole checkpoint was written yet, so it starts over")
+    )
 
 
 def logged_losses(log: Path, key: str = "loss") -> tuple[float | None, float | None, float | None]:

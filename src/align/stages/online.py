@@ -221,14 +221,63 @@ def fsdp_refused(info: Any, stage_type: str, where: str) -> list[Problem]:
 
 
 def function_file(plan: Plan, sp: StagePlan) -> Path | None:
-    """Where `module:function` lives, found without importing it (the recipe's folder is searched first)."""
-    mod = reward_ref(sp).partition(":")[0]
-    with _recipe_on_path(plan):
+    """Where `module:function` lives, found without running any of its code: `find_spec` of a dotted name would
+    import (execute) its parent packages, so only the top-level name is looked up and the rest is walked on disk.
+    The recipe's folder is searched first."""
+    return locate_module(reward_ref(sp).partition(":")[0], plan.recipe_path.parent)
+
+
+def locate_module(mod: str, first: Path) -> Path | None:
+    top, *rest = mod.split(".")
+    if not top.isidentifier() or not all(p.isidentifier() for p in rest):
+        return None
+    if (first / f"{top}.py").is_file() and not rest:
+        return first / f"{top}.py"
+    if (first / top).is_dir():
+        places = [first / top]
+    else:
         try:
-            found = importlib.util.find_spec(mod)
+            spec = importlib.util.find_spec(top)  # a top-level name: found, not executed
         except (ImportError, ValueError):
-            found = None
-    return Path(found.origin) if found and found.origin and found.origin != "built-in" else None
+            return None
+        if spec is None:
+            return None
+        if not rest:
+            return Path(spec.origin) if spec.origin and spec.origin not in ("built-in", "frozen") else None
+        places = [Path(p) for p in (spec.submodule_search_locations or [])]
+    for part in rest[:-1]:
+        places = [p / part for p in places if (p / part).is_dir()]
+    for place in places:
+        if not rest:
+            if (place / "__init__.py").is_file():
+                return place / "__init__.py"
+            continue
+        for candidate in (place / f"{rest[-1]}.py", place / rest[-1] / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def defines(source: Path, name: str) -> bool | None:
+    """The module file defines (or imports) `name` at its top level; None when it cannot be read as Python."""
+    import ast
+
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, ast.Import | ast.ImportFrom) and any(
+            (a.asname or a.name.split(".")[0]) == name or a.name == "*" for a in node.names
+        ):
+            return True
+    return False
 
 
 def load_function(plan: Plan, sp: StagePlan) -> Any:
@@ -260,9 +309,12 @@ def check_reward(plan: Plan, sp: StagePlan, *, same_tokenizer: bool) -> list[Pro
     ref = reward_ref(sp)
     kind = reward_kind(ref)
     if kind == "function":
-        if function_file(plan, sp) is None:
-            mod = ref.partition(":")[0]
+        mod, _, name = ref.partition(":")
+        source = function_file(plan, sp)
+        if source is None:
             return [(f"{where}.reward", f"module `{mod}` not found (looked in {plan.recipe_path.parent} and sys.path)")]
+        if defines(source, name) is False:
+            return [(f"{where}.reward", f"`{mod}` ({source}) has no top-level function `{name}`")]
         return []
     if kind == "stage":
         return []

@@ -26,7 +26,16 @@ from align.memory import StageMemoryInput, Workload
 from align.models import peft_config, plan_tokenizer
 from align.ppo import PPOConfig
 from align.rundir import Plan, StagePlan, input_artifact, latest_checkpoint, write_common, write_metrics
-from align.stages._train import Guard, check_data, device_args, load_pairs, load_policy, save_policy, set_pad
+from align.stages._train import (
+    Guard,
+    check_data,
+    device_args,
+    disk_full_is_said,
+    load_pairs,
+    load_policy,
+    save_policy,
+    set_pad,
+)
 from align.stages.base import Default, Problem, Record, apply_defaults
 from align.stages.online import (
     OnlineRL,
@@ -248,7 +257,7 @@ def run(plan: Plan, sp: StagePlan, out: Path) -> Record | None:
         line.append(ProgressLine(stage.name, cfg.max_steps, start_step=int(resume.name.split("-")[1]) if resume else 0))
     if resume is not None and not orchestrated():
         print(f"[align] {stage.name}: resuming from {resume.name}", flush=True)
-    with guard.trap_sigint():
+    with guard.trap_sigint(), disk_full_is_said(sp):
         summary = trainer.train(
             checkpoint_dir=sp.partial_dir / "checkpoints", resume_from=resume, should_stop=guard.should_stop
         )
