@@ -41,7 +41,7 @@ def rlhf(tmp_path_factory, tiny_llama):
     stages = [
         SFT,
         {**REWARD, "train": {**TRAIN, "max_steps": 2}},
-        PPO,
+        {**PPO, "train": {**PPO_TRAIN, "report_to": "tensorboard"}},  # align's own loop logs to trackers too
         {"name": "eval", "type": "eval", "targets": ["base", "sft", "ppo"], "tasks": [{"data": "sft"}]},
     ]
     path = write_recipe(tmp, chain_recipe(tmp, tiny_llama, stages))
@@ -65,6 +65,11 @@ def test_ppo_runs_in_the_chain_and_logs_every_step(rlhf) -> None:
     assert {"sft", "rm"} <= set(inputs)  # policy and reward model, with their hashes
     ev = json.loads((run / "eval" / "stage.json").read_text())["metrics"]
     assert "ppo/sft/perplexity" in ev
+    from test_console import scalar_tags
+
+    logged = scalar_tags(run / "tensorboard" / "ppo")  # one run group per recipe run, the stage as the run
+    assert logged["reward_mean"] == pytest.approx([r["reward_mean"] for r in log], rel=1e-6)  # float32 there
+    assert len(logged["kl"]) == 4
 
 
 def test_rlhf_second_run_skips_everything(rlhf) -> None:
