@@ -127,3 +127,39 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused(tmp_path, tiny_lla
     r["stages"][0]["train"]["report_to"] = ["clearml"]
     rc, out = plan(write_recipe(tmp_path, r), capsys)
     assert rc == 2 and "train.report_to" in out and "pip install clearml" in out, out
+
+
+def chat_pairs(n: int = 8) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Add {i} and 2."}],
+            "chosen": [{"role": "assistant", "content": f"{i + 2}"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("stage_type", ["dpo", "reward", "eval"])
+def test_chat_data_without_a_chat_template_is_refused_at_plan_time(tmp_path, tiny_gpt2, capsys, stage_type):
+    """The tokenizer of tiny_gpt2 has no chat template: message rows could not become token ids mid-run."""
+    r = sft_recipe(tmp_path, tiny_gpt2)
+    write_jsonl(tmp_path / "pairs.jsonl", chat_pairs())
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": p["prompt"] + p["chosen"]} for p in chat_pairs()])
+    r["datasets"]["pairs"] = {"path": str(tmp_path / "pairs.jsonl")}
+    r["datasets"]["chat"] = {"path": str(tmp_path / "chat.jsonl")}
+    if stage_type == "eval":
+        r["stages"][1]["tasks"].append({"type": "perplexity", "data": "chat"})
+        field = "stages[1](ppl).tasks[1].data"
+    else:
+        r["stages"].insert(1, {"name": "pref", "type": stage_type, "from": "sft", "data": "pairs"})
+        if stage_type == "reward":
+            r["stages"][1].pop("from")
+        field = "stages[1](pref).data"
+    rc, out = plan(write_recipe(tmp_path, r), capsys)
+    assert rc == 2 and field in out and "no chat template" in out and "model.chat_template" in out, out
+    # with a template named in the recipe, the same recipe plans
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    r["model"] = {"name_or_path": str(tiny_gpt2), "chat_template": str(tmp_path / "t.jinja")}
+    rc, out = plan(write_recipe(tmp_path, r), capsys)
+    assert rc == 0, out

@@ -98,6 +98,51 @@ def _model_width(folder: Path | None) -> int | None:
     return None
 
 
+def has_chat_template(plan: Plan) -> bool:
+    """Cheap: look at the tokenizer files instead of loading the tokenizer."""
+    base = plan.base
+    if base.kind == "embedded":
+        return True
+    if base.path is None:
+        return True  # a hub model not yet downloaded: checked when it loads
+    if (base.path / "chat_template.jinja").is_file():
+        return True
+    cfg = base.path / "tokenizer_config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))
+
+
+def chat_rows(spec: Any) -> bool:
+    """The dataset's first rows hold chat messages (lists of {role, content}), which need a chat template."""
+    if not is_local(spec.path):
+        return False
+    try:
+        rows = peek_rows(spec.path)
+    except RecipeError:
+        return False  # unreadable: the full check says so
+    return any(
+        isinstance(v, list) and v and isinstance(v[0], dict) and "role" in v[0]
+        for r in rows
+        if isinstance(r, dict)
+        for v in r.values()
+    )
+
+
+def check_chat_template(plan: Plan, sp: StagePlan, datasets: list[str]) -> list[Problem]:
+    """Chat-message data needs a chat template to become token ids; without one the stage would fail mid-run."""
+    if plan.recipe.model.chat_template or has_chat_template(plan):
+        return []
+    need = [n for n in dict.fromkeys(datasets) if chat_rows(plan.recipe.datasets[n])]
+    if not need:
+        return []
+    return [
+        (
+            f"{sp.where}.data",
+            f"{need} hold chat messages but the tokenizer of `{plan.base.ref}` has no chat template; set "
+            "`model.chat_template: path/to/template.jinja`, or use plain-text rows",
+        )
+    ]
+
+
 def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> list[Problem]:
     """TRL's own __post_init__ checks (illegal combinations), run at plan time."""
     try:

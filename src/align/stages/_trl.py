@@ -18,6 +18,7 @@ from align.rundir import Plan, StagePlan, input_artifact, write_common, write_me
 from align.spec import data_names
 from align.stages._train import (
     Guard,
+    check_chat_template,
     check_data,
     check_trl_args,
     device_args,
@@ -94,6 +95,7 @@ class TRLStage(Stage):
 
     def check(self, plan: Plan, sp: StagePlan) -> list[Problem]:
         formats, problems = check_data(plan, sp, self.formats)
+        problems += check_chat_template(plan, sp, list(formats))
         problems += self.check_inputs(plan, sp, formats)
         args = self.train_args(plan, sp)
         problems += tracking.check(args.get("report_to"), f"{sp.where}.train.report_to")

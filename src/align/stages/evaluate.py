@@ -138,6 +138,10 @@ def check(plan: Plan, sp: StagePlan) -> list[Problem]:
             plan.warnings.append(f"dataset `{task.data}`: hub id `{spec.path}` is checked when the stage loads it")
             continue
         scan = scan_dataset(spec, Eval.formats, who=Eval.name)  # every row, as the stage reads them
+        if not scan.problems:
+            from align.stages._train import check_chat_template
+
+            problems += [(f"{where}.tasks[{j}].data", m) for _, m in check_chat_template(plan, sp, [task.data])]
         problems += [(f"datasets.{task.data}.{p}" if p else f"datasets.{task.data}", m) for p, m in scan.problems]
         plan.warnings += [w for w in (f"dataset `{task.data}`: {x}" for x in scan.warnings) if w not in plan.warnings]
     return problems

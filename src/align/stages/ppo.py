@@ -28,6 +28,7 @@ from align.ppo import PPOConfig
 from align.rundir import Plan, StagePlan, input_artifact, latest_checkpoint, write_common, write_metrics
 from align.stages._train import (
     Guard,
+    check_chat_template,
     check_data,
     device_args,
     disk_full_is_said,
@@ -79,7 +80,8 @@ class PPO(OnlineRL):
         return problems
 
     def check(self, plan: Plan, sp: StagePlan) -> list[Problem]:
-        _, problems = check_data(plan, sp, self.formats)
+        formats, problems = check_data(plan, sp, self.formats)
+        problems += check_chat_template(plan, sp, list(formats))
         problems += check_reward(plan, sp, same_tokenizer=True)
         try:
             cfg = config(plan, sp)

@@ -5,7 +5,6 @@ config -> data -> model -> trainer -> train -> save -> metrics (the skeleton in 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Literal
 
@@ -62,15 +61,6 @@ class SFT(TRLStage):
     def check_inputs(self, plan: Plan, sp: StagePlan, formats: dict[str, str]) -> list[Problem]:
         """A chat template where the data holds chat messages; QLoRA's hardware."""
         problems = []
-        chat_needed = [n for n, f in formats.items() if f == "messages"]
-        if chat_needed and not has_chat_template(plan) and not plan.recipe.model.chat_template:
-            problems.append(
-                (
-                    f"{sp.where}.data",
-                    f"{chat_needed} hold chat `messages` but the tokenizer has no chat template; "
-                    "set `model.chat_template: path/to/template.jinja`",
-                )
-            )
         if sp.stage.adapter.type == "qlora":
             from align.quantization import qlora_unavailable_reason
 
@@ -120,19 +110,6 @@ class SFT(TRLStage):
 
     def headline(self, m: dict[str, Any]) -> str:
         return f"{loss_line(m)}, {fmt(m, 'tokens_per_s', '.0f')} tok/s"
-
-
-def has_chat_template(plan: Plan) -> bool:
-    """Cheap: look at the tokenizer files instead of loading the tokenizer."""
-    base = plan.base
-    if base.kind == "embedded":
-        return True
-    if base.path is None:
-        return True  # a hub model not yet downloaded: checked when it loads
-    if (base.path / "chat_template.jinja").is_file():
-        return True
-    cfg = base.path / "tokenizer_config.json"
-    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))
 
 
 def qlora_config(plan: Plan, spec: SFTSpec) -> Any:
