@@ -163,3 +163,11 @@ def test_chat_data_without_a_chat_template_is_refused_at_plan_time(tmp_path, tin
     r["model"] = {"name_or_path": str(tiny_gpt2), "chat_template": str(tmp_path / "t.jinja")}
     rc, out = plan(write_recipe(tmp_path, r), capsys)
     assert rc == 0, out
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true"])
+def test_stage_booleans_are_strict(tmp_path, tiny_llama, capsys, value):
+    r = sft_recipe(tmp_path, tiny_llama)
+    r["stages"][0]["merge"] = value
+    rc, out = plan(write_recipe(tmp_path, r), capsys)
+    assert rc == 2 and "stages[0](sft).merge" in out and "boolean" in out, out

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from align.data import PROMPT_FORMATS, file_hash, to_prompts
 from align.errors import RecipeError, did_you_mean
@@ -43,7 +43,7 @@ class OnlineSpec(TrainSpec):
     reward: str | None = Field(
         None, description="a reward stage name, `module:function`, or a reward model folder (./path)"
     )
-    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
+    merge: StrictBool = Field(False, description="also write a merged model (adapter folded into the base)")
     train: dict[str, Any] = Field(default_factory=dict, description="the trainer's config fields")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from align.data import PAIR_FORMATS, to_preference
 from align.memory import Workload
@@ -31,7 +31,7 @@ class PreferenceSpec(TrainSpec):
     """Offline preference optimisation on pairs. With an adapter the reference model is the same weights with
     the adapter disabled (no second copy)."""
 
-    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
+    merge: StrictBool = Field(False, description="also write a merged model (adapter folded into the base)")
     train: dict[str, Any] = Field(default_factory=dict, description="the TRL trainer's config fields")
 
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StrictBool, model_validator
 
 from align import distributed
 from align.errors import RecipeError
@@ -34,9 +34,9 @@ class PushSpec(StageSpec):
     )
     repo_id: str | None = Field(None, description="hub repository ORG/NAME")
     to: str | None = Field(None, description="instead of the hub: a folder, file:///... or an fsspec URL (s3://...)")
-    private: bool = Field(False, description="create the hub repository private")
+    private: StrictBool = Field(False, description="create the hub repository private")
     revision: str | None = Field(None, description="branch to push to (created if absent); default main")
-    dry_run: bool = Field(False, description="write the exact folder that would be pushed, push nothing")
+    dry_run: StrictBool = Field(False, description="write the exact folder that would be pushed, push nothing")
     base_model: str | None = Field(None, description="hub id of the base, when the recipe's model is a local folder")
     launch: LaunchSpec = Field(default_factory=lambda: LaunchSpec(mode="python"), description="one plain process")
 

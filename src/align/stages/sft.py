@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from align.data import TEXT_FORMATS, to_sft
 from align.errors import RecipeError
@@ -24,9 +24,9 @@ from align.trl_compat import SFTConfig
 class SFTSpec(TrainSpec):
     type: Literal["sft"]
     loss_on: Literal["completion", "all"] = Field("completion", description="completion = prompt tokens masked")
-    merge: bool = Field(False, description="also write a merged model (adapter folded into the base)")
+    merge: StrictBool = Field(False, description="also write a merged model (adapter folded into the base)")
     train: dict[str, Any] = Field(default_factory=dict, description="TRL SFTConfig fields, by their TRL names")
-    allow_cpu_qlora: bool = Field(False, description="train QLoRA on CPU even if the gradient check disagrees")
+    allow_cpu_qlora: StrictBool = Field(False, description="train QLoRA on CPU even if the gradient check disagrees")
 
 
 class SFT(TRLStage):
