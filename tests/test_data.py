@@ -60,3 +60,31 @@ def test_mixture_weights_take_rows_in_proportion():
     texts = out["text"]
     assert sum(t.startswith("a") for t in texts) == 5 and sum(t.startswith("b") for t in texts) == 8
     assert texts != sorted(texts)  # shuffled
+
+
+def test_large_file_hashes_are_remembered_on_disk_but_not_for_racy_files(tmp_path, monkeypatch):
+    """A re-plan does not re-read a big unchanged file; a file changed just now is always read again."""
+    import os
+    import time
+
+    from align.data import MEMO_MIN_BYTES, file_hash
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"a" * MEMO_MIN_BYTES)
+    old = time.time() - 3600
+    os.utime(big, (old, old))
+    first = file_hash(big, {})
+    assert list((tmp_path / "cache").rglob("filehash/*.json"))
+    big.write_bytes(b"b" * MEMO_MIN_BYTES)  # same size, and the same (old) mtime put back: the memo answers
+    os.utime(big, (old, old))
+    assert file_hash(big, {}) == first
+    big.write_bytes(b"c" * MEMO_MIN_BYTES)  # changed now (mtime after the memo): read again
+    assert file_hash(big, {}) != first
+    racy = tmp_path / "racy.jsonl"
+    racy.write_bytes(b"x" * MEMO_MIN_BYTES)
+    h1 = file_hash(racy, {})
+    st = racy.stat()
+    racy.write_bytes(b"y" * MEMO_MIN_BYTES)  # same size, same mtime as when the memo was written
+    os.utime(racy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_hash(racy, {}) != h1  # written within the racy window: never trusted

@@ -12,11 +12,13 @@ Formats (detected from the columns of the first rows, or named with `format:`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,17 +138,47 @@ def check_format(
     return fmt, []
 
 
-def file_hash(path: Path, _cache: dict[tuple[str, int, float], str] = {}) -> str:  # noqa: B006 - memo
-    """sha256 of a file's content (memoised per process on path, size and mtime)."""
+MEMO_MIN_BYTES = 8 << 20  # smaller files are hashed each time (milliseconds); larger ones are remembered on disk
+
+
+def file_hash(path: Path, _cache: dict[tuple[str, int, int], str] = {}) -> str:  # noqa: B006 - memo
+    """sha256 of a file's content. Memoised per process, and for large files on disk (`<cache>/filehash/`), on
+    path, inode, size and mtime; as git does against "racy" files, a memo is trusted only for a file last changed
+    well before the memo was written, so an edit in the same clock tick that keeps the size is still seen."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime)
-    if key not in _cache:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _cache[key] = h.hexdigest()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _cache:
+        return _cache[key]
+    memo = _hash_memo(key) if st.st_size >= MEMO_MIN_BYTES else None
+    ident = {"path": key[0], "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        rec = json.loads(memo.read_text()) if memo else None
+    except (OSError, ValueError):
+        rec = None
+    if isinstance(rec, dict) and rec.get("ident") == ident and st.st_mtime_ns < rec.get("written_ns", 0) - 2 * 10**9:
+        _cache[key] = rec["sha256"]
+        return _cache[key]
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    _cache[key] = h.hexdigest()
+    if memo is not None:
+        with contextlib.suppress(OSError):
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"ident": ident, "sha256": _cache[key], "written_ns": time.time_ns()}))
+            tmp.replace(memo)
     return _cache[key]
+
+
+def _hash_memo(key: tuple[str, int, int]) -> Path | None:
+    try:
+        from align.models import cache_dir
+
+        return cache_dir() / "filehash" / f"{hashlib.sha256(key[0].encode()).hexdigest()[:32]}.json"
+    except Exception:
+        return None
 
 
 def dataset_identity(spec: Any) -> dict[str, Any]:
