@@ -248,27 +248,90 @@ def cmd_eval(args: Any) -> int:
     from pathlib import Path
 
     from align.errors import RecipeError
-    from align.models import load_tokenizer
+    from align.evaluation.compare import load_metrics
+    from align.evaluation.tasks import check_task_data
+    from align.models import check_adapter_folder, check_artifact, load_tokenizer
+    from align.resources import data_root
     from align.stages.evaluate import EvalTask, evaluate, load_task_spec, resolve_target
 
+    # every input checked before a model is loaded: exit 2 means nothing ran
+    if args.limit is not None and args.limit < 1:
+        raise RecipeError(f"must be at least 1 (got {args.limit}); leave it out to evaluate every item", "--limit")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"{out} is a file; give a folder for metrics.json and summary.md", "--out")
+    if args.baseline:
+        load_metrics(args.baseline, "--baseline")
+    problems: list[tuple[str, str]] = []
+    repeated = sorted({t for t in args.tasks if args.tasks.count(t) > 1})
+    if repeated:
+        problems.append(("--tasks", f"{', '.join(repeated)} listed more than once"))
     specs = {}
-    for name in args.tasks:
+    for name in dict.fromkeys(args.tasks):
         try:
             spec = load_task_spec(name)
         except (FileNotFoundError, ValueError) as e:
-            raise RecipeError(str(e).splitlines()[0], "--tasks") from None
+            problems.append((f"--tasks {name}", str(e).splitlines()[0]))
+            continue
+        if spec.type not in ("mmlu", "generation"):
+            problems.append(
+                (
+                    f"--tasks {name}",
+                    f"task type `{spec.type}` is not run from a task file; use mmlu or "
+                    "generation (perplexity: an eval stage's `data:` task in a recipe)",
+                )
+            )
+            continue
+        data = spec.resolve_path(data_root(spec.data.path))
+        if not data.exists():
+            problems.append((f"--tasks {name}", f"task `{spec.name}`: data.path {spec.data.path} not found ({data})"))
+            continue
+        try:
+            check_task_data(spec, name, rows=True)  # every record, before any model is loaded
+        except ValueError as e:
+            problems.append((f"--tasks {name}", str(e).splitlines()[0]))
+            continue
         specs[name] = spec.model_copy(update={"limit": args.limit or spec.limit})
-    targets = [resolve_target(t) for t in args.targets]
-    tokenizer = load_tokenizer(Path(targets[0][2]))
+    targets = []
+    for t in args.targets:
+        where = f"TARGET {t}"
+        p = Path(t).expanduser()
+        head = Path(t).parts[0] if Path(t).parts else ""
+        if not p.exists() and (t.startswith((".", "/", "~")) or len(Path(t).parts) > 2 or Path(head).is_dir()):
+            problems.append((where, "does not exist: give a run, stage, adapter or model folder, or a model name"))
+            continue
+        try:
+            if p.is_dir() and (p / "adapter_config.json").is_file():
+                check_adapter_folder(p, where)  # before resolve_target reads it (pickled weights refused)
+            label, art, tok_dir = resolve_target(t)
+            check_artifact(art, where)
+        except RecipeError as e:
+            problems += [(where, m) for _, m in e.problems]
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a stage.json or adapter_config.json gone wrong
+            problems.append(
+                (where, f"cannot be read as a run, stage, adapter or model folder ({type(e).__name__}: {e})")
+            )
+            continue
+        targets.append((label, art, tok_dir))
+    if problems:
+        raise RecipeError(problems)
+    try:
+        tokenizer = load_tokenizer(Path(targets[0][2]))
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(
+            f"no usable tokenizer in {targets[0][2]} ({first[:200]})", f"TARGET {args.targets[0]}"
+        ) from None
     evaluate(
         [(label, art) for label, art, _ in targets],
-        [EvalTask(task=n) for n in args.tasks],
+        [EvalTask(task=n) for n in specs],
         tokenizer,
-        Path(args.out),
+        out,
         texts={},
         specs=specs,
     )
-    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    print(f"metrics: {out / 'metrics.json'}")
     if args.baseline:
         args.current, args.tolerance = args.out, []
         return cmd_compare(args)
@@ -336,15 +399,21 @@ def cmd_push(args: Any) -> int:
 
 def cmd_compare(args: Any) -> int:
     from align.errors import RecipeError
-    from align.evaluation.compare import compare, load_metrics, render
+    from align.evaluation.compare import compare, load_metrics, parse_tolerance, render
 
     tol = {}
     for t in args.tolerance:
-        if "=" not in t:
-            raise RecipeError(f"`{t}` is not METRIC=SPEC", "--tolerance")
-        k, v = t.split("=", 1)
-        tol[k] = v
-    rows = compare(load_metrics(args.current), load_metrics(args.baseline), tol)
+        k, _, v = t.partition("=")
+        if not k.strip() or not v.strip():
+            raise RecipeError(f"`{t}` is not METRIC=SPEC (e.g. accuracy=2se, perplexity=2%)", "--tolerance")
+        try:
+            parse_tolerance(v)
+        except RecipeError as e:
+            raise RecipeError(e.problems[0][1], f"--tolerance {k}") from None
+        tol[k.strip()] = v.strip()
+    current = load_metrics(args.current, "CURRENT")
+    baseline = load_metrics(args.baseline, "--baseline")
+    rows = compare(current, baseline, tol)
     print(render(rows))
     return 1 if any(r.regressed for r in rows) else 0
 

@@ -34,8 +34,13 @@ class ResolvedModel:
     note: str = ""
 
 
-def resolve_model(name_or_path: str, revision: str | None = None, *, materialize: bool = False) -> ResolvedModel:
-    """Find the model folder without loading weights. With `materialize`, convert/download what is missing."""
+def resolve_model(
+    name_or_path: str, revision: str | None = None, *, materialize: bool = False, estimate_only: bool = False
+) -> ResolvedModel:
+    """Find the model folder without loading weights. With `materialize`, convert/download what is missing.
+
+    A local folder is checked by its files (`check_model_folder`): RecipeError naming `model` when it cannot be
+    loaded. `estimate_only` lets a folder with config.json alone through (`align plan --gpus` memory estimates)."""
     if name_or_path in EMBEDDED:
         target = cache_dir() / "models" / name_or_path
         if (target / "config.json").is_file():
@@ -47,10 +52,148 @@ def resolve_model(name_or_path: str, revision: str | None = None, *, materialize
         return ResolvedModel("embedded", name_or_path, target)
     p = Path(name_or_path).expanduser()
     if p.exists() or name_or_path.startswith((".", "/", "~")):
+        if not p.exists():
+            raise RecipeError(
+                f"`{name_or_path}` does not exist: point `model` at a model folder, a hub id, "
+                f"or the embedded `{DEFAULT_MODEL}`",
+                "model",
+            )
+        if not p.is_dir():
+            raise RecipeError(
+                f"`{name_or_path}` is a file, not a model folder (config.json, *.safetensors, tokenizer files)", "model"
+            )
         if not (p / "config.json").is_file():
             raise RecipeError(f"`{name_or_path}` is not a model folder (no config.json in it)", "model")
-        return ResolvedModel("local", name_or_path, p.resolve())
+        check_model_folder(p, "model", estimate_only=estimate_only)
+        note = "" if has_weights(p) else "config.json only: planned from it alone; `align run` needs its weights"
+        return ResolvedModel("local", name_or_path, p.resolve(), note)
     return _resolve_hub(name_or_path, revision, materialize)
+
+
+# ---------------------------------------------------------------- model and adapter folders, checked by their files
+
+# pickled weights: loading one runs code, so align refuses them (transformers' own names and the usual suffixes)
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+# pickles a trainer leaves beside the weights: not weights themselves
+NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "rng_state.pth", "scaler.pt"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+RESAVE = "load it once where you trust it and re-save it with save_pretrained(DIR, safe_serialization=True)"
+
+
+def read_json_mapping(f: Path, field: str, what: str = "") -> dict[str, Any]:
+    """A JSON file that must hold one object, or RecipeError naming `field` and the file (line and column)."""
+    import json
+
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{f} cannot be read ({e.strerror or e})", field) from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{f} is not UTF-8 JSON (byte 0x{raw[e.start]:02x} at offset {e.start})", field) from None
+    except json.JSONDecodeError as e:
+        raise RecipeError(
+            f"{f} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}{what and '; ' + what}", field
+        ) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{f} must hold a JSON object, got {type(data).__name__}{what and '; ' + what}", field)
+    return data
+
+
+def _pickles(folder: Path) -> list[str]:
+    return sorted(
+        f.name
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix.lower() in PICKLE_SUFFIXES and f.name not in NOT_WEIGHTS
+    )
+
+
+def has_weights(folder: Path) -> bool:
+    return any(f.is_file() for f in folder.glob("*.safetensors"))
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why a model folder's weights cannot be loaded (safetensors only), or None. Looks at files, loads nothing."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_mapping(index, "model").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            return f"{index} has no `weight_map`; re-save the model"
+        missing = sorted({str(v) for v in weight_map.values()} - {f.name for f in folder.glob("*.safetensors")})
+        if missing:
+            return f"{index} names shard(s) not in the folder: {', '.join(missing[:3])}; copy them in"
+    if has_weights(folder):
+        return None
+    pickles = _pickles(folder)
+    if pickles:
+        return (
+            f"its weights are pickle files ({', '.join(pickles[:3])}), which align never loads (unpickling can "
+            f"run code): convert them to safetensors ({RESAVE})"
+        )
+    gguf = sorted(f.name for f in folder.glob("*.gguf"))
+    if gguf:
+        return f"holds GGUF weights ({gguf[0]}), not safetensors: convert them ({RESAVE})"
+    return "has config.json but no weights (model.safetensors or model-*-of-*.safetensors); copy them in"
+
+
+def check_model_folder(
+    folder: Path, field: str = "model", *, estimate_only: bool = False, tokenizer: bool = True
+) -> dict[str, Any]:
+    """A local model folder as align will load it: a config.json that is a JSON object with a `model_type`,
+    safetensors weights (pickles refused), tokenizer files. RecipeError naming `field` and the file otherwise.
+    With `estimate_only` (planning memory from the config alone), missing weights and tokenizer are let through."""
+    cfg_file = folder / "config.json"
+    cfg = read_json_mapping(cfg_file, field, "re-save the model or restore the file")
+    if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
+        raise RecipeError(f'{cfg_file} has no `model_type` (e.g. "llama"): transformers cannot load it', field)
+    only_config = not has_weights(folder) and not _pickles(folder) and not any(folder.glob("*.gguf"))
+    if estimate_only and only_config:
+        return cfg
+    problem = weights_problem(folder)
+    if problem:
+        raise RecipeError(f"`{folder}` {problem}", field)
+    if tokenizer and not any((folder / t).is_file() for t in TOKENIZER_FILES):
+        raise RecipeError(
+            f"`{folder}` has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}); save the tokenizer into the folder",
+            field,
+        )
+    return cfg
+
+
+def check_adapter_folder(folder: Path, field: str = "adapter") -> dict[str, Any]:
+    """A peft adapter folder as align will load it: adapter_config.json a JSON object, the weights in
+    adapter_model.safetensors (adapter_model.bin, a pickle, is refused outright). Returns the adapter config."""
+    cfg = read_json_mapping(folder / "adapter_config.json", field, "re-save the adapter")
+    if (folder / "adapter_model.safetensors").is_file():
+        return cfg
+    pickles = _pickles(folder)
+    if pickles:
+        raise RecipeError(
+            f"`{folder}` holds its adapter weights as a pickle ({', '.join(pickles[:3])}); align loads adapters "
+            f"from adapter_model.safetensors only: {RESAVE}",
+            field,
+        )
+    raise RecipeError(f"`{folder}` has adapter_config.json but no adapter_model.safetensors", field)
+
+
+def check_artifact(art: dict[str, Any], field: str) -> None:
+    """Every folder an artifact record loads from (`load_for_inference`'s input), checked by its files."""
+    if art.get("kind") == "adapter":
+        check_adapter_folder(Path(art["path"]), field)
+        base = art.get("base")
+        if isinstance(base, dict):
+            check_artifact(base, field)
+        elif base is not None:
+            b = Path(base)
+            if not (b / "config.json").is_file():
+                raise RecipeError(f"the adapter's base model `{base}` is not a model folder (no config.json)", field)
+            check_model_folder(b, field, tokenizer=False)  # the tokenizer is the adapter's
+    elif art.get("kind") == "model":
+        p = Path(art["path"])
+        if not (p / "config.json").is_file():
+            raise RecipeError(f"`{p}` is not a model folder (no config.json in it)", field)
+        check_model_folder(p, field)
 
 
 def hub_id(base: ResolvedModel) -> str | None:
@@ -178,6 +321,11 @@ def load_for_inference(artifact: dict[str, Any], dtype: str = "auto") -> Any:
     if artifact["kind"] == "adapter":
         from peft import PeftModel
 
+        if not (Path(artifact["path"]) / "adapter_model.safetensors").is_file():
+            try:
+                check_adapter_folder(Path(artifact["path"]))
+            except RecipeError as e:  # at load time: the stage failed (its inputs were checked at plan time)
+                raise AlignError(str(e)) from None
         base_ref = artifact["base"]
         if isinstance(base_ref, dict):
             base = load_for_inference(base_ref, dtype=dtype).merge_and_unload()

@@ -87,7 +87,9 @@ def make_plan(
     `launch_config` / `launch_processes` (the command line's) set the launch of every training stage."""
     overrides = list(overrides or [])
     recipe = load_recipe(recipe_path, overrides)
-    base = resolve_model(recipe.model.name_or_path, recipe.model.revision, materialize=materialize)
+    base = resolve_model(
+        recipe.model.name_or_path, recipe.model.revision, materialize=materialize, estimate_only=gpus is not None
+    )
     run_dir = (Path(recipe.output_dir) / recipe.name).resolve()
     plan = Plan(recipe, Path(recipe_path).resolve(), overrides, run_dir, base)
     plan.launch_config, plan.launch_processes, plan.gpus = launch_config, launch_processes, gpus

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from align.errors import did_you_mean
 from align.evaluation.metrics import mean_stderr, pooled_stderr, weighted_mean
 
 # re-exported: the engine's pieces were defined here before `multiple_choice.py` (tests use them)
@@ -184,7 +185,11 @@ def load_mmlu(
         names = list(subjects) if subjects is not None else sorted(by_split["test"])
         for name in names:
             if name not in by_split["test"]:
-                raise ValueError(f"subject {name!r} has no rows in {source['test']}")
+                have = sorted(by_split["test"])
+                raise ValueError(
+                    f"subject {name!r} has no rows in {source['test']}{did_you_mean(name, have)}; "
+                    f"available: {', '.join(have)}"
+                )
             dev = by_split.get("dev", {}).get(name, [])
             if require_dev and not dev:
                 raise ValueError(f"subject {name!r} has no dev rows in {source.get('dev')}")
@@ -204,7 +209,13 @@ def load_mmlu(
     for name in subjects:
         test_file = _find_split_file(root, "test", name, exts)
         if test_file is None:
-            raise FileNotFoundError(f"MMLU test file not found: {root / 'test' / name}_test.{pattern}")
+            have = sorted(
+                {p.name.rsplit("_test.", 1)[0] for ext in exts for p in (root / "test").glob(f"*_test.{ext}")}
+            )
+            raise FileNotFoundError(
+                f"MMLU subject {name!r}: no test file {root / 'test' / name}_test.{pattern}"
+                f"{did_you_mean(name, have)}; available: {', '.join(have) or 'none'}"
+            )
         dev_file = _find_split_file(root, "dev", name, exts)
         if dev_file is None and require_dev:
             raise FileNotFoundError(f"MMLU dev file not found: {root / 'dev' / name}_dev.{pattern}")

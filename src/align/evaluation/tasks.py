@@ -423,27 +423,151 @@ def _candidate_dirs(tasks_dir: str | Path | None) -> list[Path]:
 
 
 def load_task(path_or_name: str | Path, tasks_dir: str | Path | None = None) -> TaskSpec:
-    """Load a task from a YAML path, or by name from ``evaluation/tasks/<name>.yaml``."""
+    """Load a task from a YAML path, or by name from ``evaluation/tasks/<name>.yaml``.
+
+    Errors are FileNotFoundError (no such task: the known ones listed) or TaskSpecError (a ValueError) whose
+    first line names the file and what is wrong: YAML syntax (with its line), a top level that is not a
+    mapping, a schema error, or (when the data is there to look at) MMLU subjects or rows the data lacks."""
     candidate = Path(path_or_name)
     if candidate.suffix in {".yaml", ".yml"} or candidate.is_file():
         path = candidate
         if not path.is_file():
-            raise FileNotFoundError(f"task file not found: {path}")
+            what = "a folder, not a file" if path.is_dir() else "not found"
+            raise FileNotFoundError(f"task file {what}: {path}")
     else:
         dirs = _candidate_dirs(tasks_dir)
         found = [d / f"{path_or_name}{ext}" for d in dirs for ext in (".yaml", ".yml")]
         found = [p for p in found if p.is_file()]
         if not found:
+            from align.errors import did_you_mean
+
             known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.y*ml")})
-            raise FileNotFoundError(f"no task named {path_or_name!r} in {[str(d) for d in dirs]}; known: {known}")
+            raise FileNotFoundError(
+                f"no task named {path_or_name!r}{did_you_mean(str(path_or_name), known)}; known: {known} "
+                f"(in {[str(d) for d in dirs]}), or give a task YAML path"
+            )
         path = found[0]
-    raw = load_yaml_text(path.read_text(encoding="utf-8"))
+    raw = _read_task_yaml(path)
     if not isinstance(raw, dict):
-        raise TaskSpecError(f"{path}: expected a mapping at the top level")
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise TaskSpecError(
+            f"{path}: a task file must be a mapping (name:, type:, data:, ...) at the top level, got {got}"
+        )
     try:
-        return TaskSpec.model_validate(raw)
+        spec = TaskSpec.model_validate(raw)
     except ValidationError as e:
-        raise TaskSpecError(f"{path}: invalid task spec\n{e}") from e
+        first = e.errors()[0] if e.errors() else None
+        where = ".".join(str(x) for x in first["loc"]) if first and first.get("loc") else ""
+        head = f"{where}: {first['msg']}" if first else "invalid"
+        raise TaskSpecError(f"{path}: invalid task spec ({head})\n{e}") from e
+    check_task_data(spec, path)
+    return spec
+
+
+def _read_task_yaml(path: Path) -> Any:
+    import yaml
+
+    from align.yamlio import read_text_file
+
+    try:
+        text = read_text_file(path)
+    except OSError as e:
+        raise TaskSpecError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # binary, or not UTF-8 (names the byte and line)
+        raise TaskSpecError(f"{path}: {e}") from None
+    try:
+        return load_yaml_text(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = e.problem or e.context or "invalid YAML"
+        raise TaskSpecError(f"{path}: YAML syntax error{at}: {what}; fix the task file") from None
+    except yaml.YAMLError as e:  # the duplicate-key refusal, and anything else PyYAML raises
+        raise TaskSpecError(f"{path}: {str(e).strip().splitlines()[-1]}") from None
+
+
+def mmlu_subjects_found(root: Path, file_format: str) -> list[str]:
+    """An MMLU folder's subjects: the names of its ``test/<subject>_test.<ext>`` files, as ``load_mmlu`` finds them."""
+    ext = "csv" if file_format == "mmlu_csv" else "jsonl"
+    return sorted(p.name.rsplit("_test.", 1)[0] for p in (root / "test").glob(f"*_test.{ext}") if p.is_file())
+
+
+def check_task_data(spec: TaskSpec, path: Path | str, *, rows: bool = False) -> None:
+    """What can be checked of a task's data without a model, when the data is there: an MMLU folder's subjects
+    (each `subjects:` entry has its test file, and its dev file and enough dev rows for the few-shot), a
+    generation task's file being a file. With `rows`, every record of a generation file too (what
+    `load_generation_items` will read: JSON, fields, references). The data path itself is checked by the caller
+    (the eval stage's plan check, `align eval`), which knows where it runs. `load_task` runs this without `rows`."""
+    from align.resources import data_root
+
+    root = spec.resolve_path(data_root(spec.data.path))
+    if not root.exists():
+        return
+    if spec.type == "mmlu":
+        _check_mmlu_data(spec, root, path)
+    elif spec.type in ("generation", "perplexity"):
+        if not root.is_file():
+            raise TaskSpecError(f"{path}: data.path {spec.data.path} is a folder; a {spec.type} task reads one .jsonl")
+        if rows and spec.type == "generation":
+            try:
+                load_generation_items(spec.model_copy(update={"limit": None}), data_root(spec.data.path))
+            except (OSError, ValueError) as e:
+                raise TaskSpecError(f"{path}: data: {e}") from None
+
+
+def _check_mmlu_data(spec: TaskSpec, root: Path, path: Path | str) -> None:
+    from align.errors import did_you_mean
+
+    ext = "csv" if spec.data.format == "mmlu_csv" else "jsonl"
+    if not root.is_dir():
+        raise TaskSpecError(
+            f"{path}: data.path {spec.data.path} is a file; format {spec.data.format} reads a folder with "
+            f"test/<subject>_test.{ext} and dev/<subject>_dev.{ext}"
+        )
+    found = mmlu_subjects_found(root, spec.data.format)
+    if not found:
+        raise TaskSpecError(f"{path}: data.path {root} has no test/<subject>_test.{ext} files")
+    wanted = spec.data.subjects if spec.data.subjects is not None else found
+    if spec.data.subjects is not None and not wanted:
+        raise TaskSpecError(f"{path}: data.subjects is empty; list subjects or leave it out for all {len(found)}")
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        hints = "".join(did_you_mean(s, found) for s in missing[:3])
+        shown = ", ".join(found[:20]) + (f", ... ({len(found)} in all)" if len(found) > 20 else "")
+        raise TaskSpecError(
+            f"{path}: data.subjects: {', '.join(repr(s) for s in missing)} not in {root}{hints}; available: {shown}"
+        )
+    repeated = sorted({s for s in wanted if wanted.count(s) > 1})
+    if repeated:
+        raise TaskSpecError(f"{path}: data.subjects lists {', '.join(repeated)} more than once")
+    k = spec.mmlu.num_fewshot if spec.mmlu is not None else 0
+    if k > 0:
+        no_dev = [s for s in wanted if not (root / "dev" / f"{s}_dev.{ext}").is_file()]
+        if no_dev:
+            raise TaskSpecError(
+                f"{path}: mmlu.num_fewshot is {k} but {root / 'dev'} has no "
+                f"{', '.join(f'{s}_dev.{ext}' for s in no_dev[:5])}; add them or set mmlu.num_fewshot: 0"
+            )
+        for s in wanted:
+            dev = root / "dev" / f"{s}_dev.{ext}"
+            n = _count_rows(dev)
+            if n < k:
+                raise TaskSpecError(
+                    f"{path}: mmlu.num_fewshot is {k} but {dev} has only {n} row(s); lower num_fewshot or add rows"
+                )
+
+
+def _count_rows(path: Path) -> int:
+    """Non-empty rows of an MMLU split file (CSV records, or JSONL lines), without parsing the questions."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                return sum(1 for row in csv.reader(f) if row)
+            return sum(1 for line in f if line.strip())
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise TaskSpecError(f"{path}: cannot be read as UTF-8 {path.suffix[1:]} ({e})") from None
 
 
 def _references(value: Any, where: str) -> list[str]:
@@ -502,9 +626,11 @@ __all__ = [
     "RougeMetric",
     "TaskSpec",
     "TaskSpecError",
+    "check_task_data",
     "compile_template",
     "load_generation_items",
     "load_task",
+    "mmlu_subjects_found",
     "render_template",
     "rouge_tokenizer_for",
 ]
