@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("targets", nargs="+", metavar="TARGET")
     ev.add_argument("--tasks", nargs="+", required=True, help="task names in evaluation/tasks/ or task YAML paths")
     ev.add_argument("--limit", type=int, help="first N items of each task (per subject for MMLU)")
+    ev.add_argument(
+        "--subjects", nargs="+", metavar="SUBJECT", help="MMLU subjects to score instead of the task file's list"
+    )
     ev.add_argument("--out", default="runs/eval", help="folder for metrics.json, summary.md (default runs/eval)")
     ev.add_argument("--baseline", help="gate: compare with this metrics.json; exit 1 on regression")
     ev.add_argument(
@@ -281,6 +284,21 @@ def cmd_eval(args: Any) -> int:
                     "generation (perplexity: an eval stage's `data:` task in a recipe)",
                 )
             )
+            continue
+        if args.subjects:
+            if spec.type != "mmlu":
+                problems.append(
+                    ("--subjects", f"task `{spec.name}` is not an MMLU task; --subjects picks MMLU subjects")
+                )
+                continue
+            spec = spec.model_copy(update={"data": spec.data.model_copy(update={"subjects": list(args.subjects)})})
+        if spec.from_hub:
+            try:
+                spec.data_source(data_root(spec.data.path))  # fetched once (or found in the cache) before a model loads
+            except ValueError as e:
+                problems.append((f"--tasks {name}", str(e)))
+                continue
+            specs[name] = spec.model_copy(update={"limit": args.limit or spec.limit})
             continue
         data = spec.resolve_path(data_root(spec.data.path))
         if not data.exists():

@@ -26,9 +26,8 @@ def run_task(
     if spec.type == "mmlu":
         from align.evaluation.mmlu import evaluate_mmlu, load_mmlu
 
-        path = spec.resolve_path(root)
         data = load_mmlu(
-            path,
+            spec.data_source(root),
             spec.data.subjects,
             limit=spec.limit,
             require_dev=spec.mmlu.num_fewshot > 0,

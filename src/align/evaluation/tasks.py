@@ -86,8 +86,11 @@ class _Strict(BaseModel):
 class DataSpec(_Strict):
     """Where the items live and which fields matter."""
 
-    path: str
+    path: str  # a local file or folder, or a hub dataset id (`cais/mmlu`), fetched once and cached
     format: Literal["mmlu_csv", "mmlu_jsonl", "jsonl"]
+    config: str | None = None  # hub data: the dataset's config (MMLU: `all`, or one subject)
+    split: str = "test"  # hub data: the split scored (MMLU's few-shot rows come from `dev`)
+    revision: str | None = None  # hub data: a commit, tag or branch
     subjects: list[str] | None = None
     input_field: str | None = None
     reference_field: str | None = None
@@ -407,6 +410,29 @@ class TaskSpec(_Strict):
         p = Path(self.data.path).expanduser()
         return p if p.is_absolute() else Path(root or Path.cwd()) / p
 
+    @property
+    def from_hub(self) -> bool:
+        from align.evaluation.hubdata import is_hub_id
+
+        return is_hub_id(self.data.path) and not self.resolve_path(_data_root(self.data.path)).exists()
+
+    def data_source(self, root: str | Path | None = None) -> Any:
+        """What the loaders read: the local path, or for hub data the cached JSONL file(s) (fetched once)."""
+        if not self.from_hub:
+            return self.resolve_path(root)
+        from align.evaluation import hubdata
+
+        where = f"task {self.name}: data.path {self.data.path}"
+        if self.type == "mmlu":
+            return hubdata.mmlu_files(self.data.path, self.data.config, self.data.revision, where=where)
+        return hubdata.fetch(self.data.path, self.data.config, self.data.split, self.data.revision, where=where)
+
+
+def _data_root(relative: str) -> Path:
+    from align.resources import data_root
+
+    return data_root(relative)
+
 
 class TaskSpecError(ValueError):
     """A task YAML that does not match the schema; the message names file and fields."""
@@ -586,7 +612,7 @@ def load_generation_items(spec: TaskSpec, root: str | Path | None = None) -> tup
     reference list of each item, first ``spec.limit`` records of the JSONL file."""
     if spec.type != "generation" or spec.prompt is None:
         raise ValueError(f"task {spec.name!r} is not a generation task")
-    path = spec.resolve_path(root)
+    path = spec.data_source(root)
     if not path.is_file():
         raise FileNotFoundError(f"task {spec.name!r}: data file not found: {path}")
     prompts, refs = [], []

@@ -68,6 +68,18 @@ class Eval(Stage):
     evaluates = True
     follows_cli_launch = False  # `align run --accelerate-config` sets the training stages; eval keeps its `launch:`
 
+    def preflight(self, plan: Plan, sp: StagePlan) -> None:
+        """Hub task data is fetched (or found in align's cache) before any stage of the run trains."""
+        for j, task in enumerate(sp.stage.tasks):
+            if not task.task:
+                continue
+            spec = load_task_spec(task.task)
+            if spec.from_hub:
+                try:
+                    spec.data_source(data_root(spec.data.path))
+                except ValueError as e:
+                    raise RecipeError(str(e), f"{sp.where}.tasks[{j}].task") from None
+
     def check_args(self, spec: EvalSpec, where: str) -> list[Problem]:
         return [
             (f"{where}.tasks[{j}].stride", f"stride {t.stride} is larger than max_length {t.max_length}")
@@ -130,7 +142,9 @@ def check(plan: Plan, sp: StagePlan) -> list[Problem]:
             except (FileNotFoundError, ValueError) as e:
                 problems.append((f"{where}.tasks[{j}].task", str(e).splitlines()[0]))
                 continue
-            if not spec.resolve_path(data_root(spec.data.path)).exists():
+            if spec.from_hub:
+                plan.warnings.append(f"task `{spec.name}`: hub data `{spec.data.path}` is fetched (once) when it runs")
+            elif not spec.resolve_path(data_root(spec.data.path)).exists():
                 problems.append((f"{where}.tasks[{j}].task", f"task `{spec.name}` data not found: {spec.data.path}"))
             continue
         spec = plan.recipe.datasets[task.data]
