@@ -152,3 +152,19 @@ def align(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess
     return subprocess.run(
         [sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
     )
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """Full-file data checks are cached by content under $ALIGN_CACHE: keep a test's cache to itself (use it
+    where the test plans, not everywhere: the embedded model's converted copy lives in that cache too)."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+
+
+def plan_in_process(path: Path, capsys) -> tuple[int, str]:
+    """`align plan PATH` through the CLI's main() in this process: (exit code, everything it printed)."""
+    from align.cli import main
+
+    rc = main(["plan", str(path)])
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err

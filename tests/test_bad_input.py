@@ -14,26 +14,17 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import align, alpaca_rows, sft_recipe, write_jsonl, write_recipe
+from conftest import align, alpaca_rows, plan_in_process, sft_recipe, write_jsonl, write_recipe
 
 from align import data as align_data
-from align.cli import main
 from align.data import check_format, preference_row, row_issue, to_preference
 from align.spec import DatasetSpec
 
 Build = Callable[[Path, Path], Path]  # (tmp, model) -> recipe file
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Full-file check results are cached by content under $ALIGN_CACHE; keep each test's to itself."""
-    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
-
-
-def plan(path: Path, capsys) -> tuple[int, str]:
-    rc = main(["plan", str(path)])
-    cap = capsys.readouterr()
-    return rc, cap.out + cap.err
+pytestmark = pytest.mark.usefixtures("own_cache")
+plan = plan_in_process
 
 
 # ---------------------------------------------------------------- builders
@@ -290,16 +281,11 @@ DATA_CASES = {
 }
 
 
-@pytest.mark.parametrize("build,named", RECIPE_CASES.values(), ids=RECIPE_CASES.keys())
-def test_bad_recipe_is_refused(build, named, tmp_path, tiny_llama, capsys):
-    rc, text = plan(build(tmp_path, tiny_llama), capsys)
-    assert rc == 2, text
-    assert "Traceback" not in text
-    assert named in text, text
+BAD_CASES = {**{f"recipe-{k}": v for k, v in RECIPE_CASES.items()}, **{f"data-{k}": v for k, v in DATA_CASES.items()}}
 
 
-@pytest.mark.parametrize("build,named", DATA_CASES.values(), ids=DATA_CASES.keys())
-def test_bad_data_is_refused(build, named, tmp_path, tiny_llama, capsys):
+@pytest.mark.parametrize("build,named", BAD_CASES.values(), ids=BAD_CASES.keys())
+def test_bad_input_is_refused(build, named, tmp_path, tiny_llama, capsys):
     rc, text = plan(build(tmp_path, tiny_llama), capsys)
     assert rc == 2, text
     assert "Traceback" not in text
