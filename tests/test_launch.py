@@ -116,7 +116,8 @@ def test_multi_cpu_starts_real_gloo_processes(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, torch.distributed as dist\nfrom accelerate import PartialState\ns = PartialState(cpu=True)\n"
-        "print('RANK', os.environ['RANK'], dist.get_world_size(), dist.get_backend(), flush=True)\n"
+        # one write per line: two ranks share the pipe, and print() writes each piece on its own when unbuffered
+        "os.write(1, f\"RANK {os.environ['RANK']} {dist.get_world_size()} {dist.get_backend()}\\n\".encode())\n"
     )
     cmd, env = launch_command(
         read_launch("multi_cpu", 2), dtype="auto", stage_args=[str(script)], env=dict(__import__("os").environ)
