@@ -131,6 +131,28 @@ def folder(files: dict[str, str]) -> Build:
     return build
 
 
+def eval_task(task: dict, data_body: str) -> Build:
+    """The recipe with a task file (`task`, data in gen.jsonl holding `data_body`) added to its eval stage."""
+
+    def change(tmp: Path) -> Callable[[dict], None]:
+        def go(r: dict) -> None:
+            (tmp / "gen.jsonl").write_text(data_body)
+            where = {"path": str(tmp / "gen.jsonl"), "format": "jsonl", **task.get("data", {})}
+            (tmp / "gen_task.yaml").write_text(yaml.safe_dump({"name": "gen", "version": 1, **task, "data": where}))
+            r["stages"][1]["tasks"].append({"task": str(tmp / "gen_task.yaml")})
+
+        return go
+
+    return lambda tmp, model: recipe(change(tmp))(tmp, model)
+
+
+GEN = {
+    "type": "generation",
+    "data": {"input_field": "source", "reference_field": "target"},
+    "prompt": {"template": "Q: {source}\nA:"},
+    "metric": {"name": "bleu"},
+}
+
 GOOD = alpaca_rows()
 PAIRS = [{"prompt": f"Add {i} and 7.", "chosen": f"{i + 7}.", "rejected": "Apple."} for i in range(20)]
 MSG = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5."}]
@@ -278,6 +300,16 @@ DATA_CASES = {
         "datasets.pairs.eval_path: ev.jsonl line 2",
     ),
     "pairs-eval-path-other-format": (recipe(lambda r: eval_file(r, lines(GOOD)), pairs=PAIRS), "eval_path"),
+    # task files in a recipe's eval stage: every record checked at plan time, as `align eval` does
+    "eval-task-corrupt-record": (
+        eval_task(GEN, lines([{"source": "a", "target": "b"}] * 3) + '{"source": "c", "target"\n'),
+        "gen.jsonl",
+    ),
+    "eval-task-missing-reference": (eval_task(GEN, lines([{"source": "a", "target": "b"}, {"source": "c"}])), "target"),
+    "eval-task-perplexity-type": (
+        eval_task({"type": "perplexity", "data": {"text_field": "source"}}, lines([{"source": "a"}])),
+        "tasks[1].task",
+    ),
 }
 
 

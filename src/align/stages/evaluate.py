@@ -142,10 +142,26 @@ def check(plan: Plan, sp: StagePlan) -> list[Problem]:
             except (FileNotFoundError, ValueError) as e:
                 problems.append((f"{where}.tasks[{j}].task", str(e).splitlines()[0]))
                 continue
+            if spec.type not in ("mmlu", "generation"):
+                problems.append(
+                    (
+                        f"{where}.tasks[{j}].task",
+                        f"task `{spec.name}` is type `{spec.type}`, which is not run from a task file; for "
+                        "perplexity give the eval task a recipe dataset (`data: NAME`) instead of `task:`",
+                    )
+                )
+                continue
             if spec.from_hub:
                 plan.warnings.append(f"task `{spec.name}`: hub data `{spec.data.path}` is fetched (once) when it runs")
             elif not spec.resolve_path(data_root(spec.data.path)).exists():
                 problems.append((f"{where}.tasks[{j}].task", f"task `{spec.name}` data not found: {spec.data.path}"))
+            else:  # every record the stage will read, checked now (as `align eval` does)
+                from align.evaluation.tasks import check_task_data
+
+                try:
+                    check_task_data(spec, task.task, rows=True)
+                except ValueError as e:
+                    problems.append((f"{where}.tasks[{j}].task", str(e).splitlines()[0]))
             continue
         spec = plan.recipe.datasets[task.data]
         if not is_local(spec.path):
