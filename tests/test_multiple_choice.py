@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align import distributed
+from align.evaluation import multiple_choice
 from align.evaluation.multiple_choice import (
     ChoiceRequest,
     _plan_rows,
@@ -68,10 +69,15 @@ def reference(lm) -> list[list[tuple[float, int]]]:
     return [[full_forward(model, tok, r.context, c) for c in r.continuations] for r in requests()]
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["packed-split", "padded-cache"])
 @pytest.mark.parametrize(("batch_size", "max_padding"), [(1, 0.15), (3, 0.15), (32, 10.0)])
-def test_cached_prefix_equals_full_forward(lm, reference, batch_size: int, max_padding: float) -> None:
-    """Every row length, alone or left-padded in a batch (32 rows, padding unbounded: one batch)."""
+def test_cached_prefix_equals_full_forward(
+    lm, reference, batch_size: int, max_padding: float, split, monkeypatch
+) -> None:
+    """Every row length, alone or in a batch (32 rows, padding unbounded: one batch), on both
+    paths: rows packed with split prefix/suffix attention, and left-padded against a DynamicCache."""
     model, tok = lm
+    monkeypatch.setattr(multiple_choice, "_USE_SPLIT", split)
     reqs = requests()
     lengths = {
         len(tok(SHOTS + q + c)["input_ids"]) - len(tok(SHOTS + q)["input_ids"])
@@ -105,6 +111,46 @@ def test_single_token_fast_path_equals_full_forward(lm) -> None:
         ref = [full_forward(model, tok, r.context, c)[0] for c in r.continuations]
         assert s.loglikelihoods == pytest.approx(ref, abs=1e-4)
         assert set(s.num_tokens) == {1}
+
+
+def test_long_suffixes_against_long_prefix_equal_full_forward(lm, monkeypatch) -> None:
+    """Long-prompt MMLU shape: a ~250-token shared prefix, question suffixes of very different
+    lengths (tens to ~200 tokens), packed several to a batch; scores equal a full uncached
+    forward of each sequence, and the split-attention path really ran (no fallback)."""
+    model, tok = lm
+    prefix = SHOTS * 4
+    filler = "The sum of 12 and 7 is 19. Convert 3 meters to centimeters. "
+    questions = [filler * k + q for k, q in zip((0, 1, 5, 3, 7, 2), QUESTIONS * 2, strict=False)]
+    reqs = [ChoiceRequest(prefix + q, (" A", " 700 centimeters.", " B"), group="long") for q in questions]
+    enc = encode_pairs(tok, [r.context for r in reqs], [r.continuations for r in reqs])
+    pre, rows, _ = _plan_rows(enc)
+    lengths = sorted(len(r.ids) for r in rows)
+    assert len(pre) > 150 and lengths[0] <= 20 and lengths[-1] > 150 and len(pre) + lengths[-1] < 500
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the padded fallback ran")
+
+    monkeypatch.setattr(multiple_choice._PrefixScorer, "_logprobs_padded", no_fallback)
+    got = score_choices(model, tok, reqs, batch_size=4, progress=False)
+    for r, s in zip(reqs, got, strict=True):
+        ref = [full_forward(model, tok, r.context, c) for c in r.continuations]
+        assert s.loglikelihoods == pytest.approx([ll for ll, _ in ref], abs=1e-4)
+        assert s.num_tokens == tuple(n for _, n in ref)
+
+
+def test_split_path_falls_back_when_attention_is_not_routed(llama, monkeypatch) -> None:
+    """A model whose layers do not all come through the split attention (here: routed to plain
+    SDPA, which sees one causal packed sequence without the prefix) is detected and scored by the
+    padded path, same numbers."""
+    model, tok = llama
+    reqs = requests()
+    want = score_choices(model, tok, reqs, batch_size=3, progress=False)
+    monkeypatch.setattr(multiple_choice, "_split_available", lambda model, device: True)
+    monkeypatch.setattr(multiple_choice, "_SPLIT_NAME", "sdpa")  # 0 calls reach the split attention
+    got = score_choices(model, tok, reqs, batch_size=3, progress=False)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    for a, b in zip(want, got, strict=True):
+        assert b.loglikelihoods == pytest.approx(a.loglikelihoods, abs=1e-5)
 
 
 def test_groups_batches_and_order_do_not_change_scores(llama) -> None:
