@@ -12,6 +12,7 @@ every commit (header, files with their bytes, deletions), and keeps repos and br
     GET  /api/agent-harnesses                    an empty registry (the client's agent detection, best-effort)
     POST /api/models/{repo}/preupload/{rev}      uploadMode "regular" for every file: contents come in the commit
     POST /api/models/{repo}/commit/{rev}         NDJSON header / file (base64) / deletedFile lines -> commitOid
+    GET|HEAD /{repo}/resolve/{rev}/{file}        a JSON file put in `files[(repo, file)]` (a model's config.json)
 
 Anything else is answered 404 and listed in `unexpected`.
 """
@@ -36,6 +37,7 @@ class FakeHub:
         self.commits: list[dict[str, Any]] = []
         self.repos: dict[str, dict[str, Any]] = {}  # repo id -> {"visibility", "branches": {name: oid}}
         self.unexpected: list[str] = []
+        self.files: dict[tuple[str, str], Any] = {}  # (repo id, file) -> JSON content served at /resolve/
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -75,6 +77,12 @@ class FakeHub:
             return 200, {"standardEnvVars": [], "harnesses": {}}, {}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}, {}
+        if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
+            key = ("/".join(parts[:2]), "/".join(parts[4:]))
+            if key not in self.files:
+                return 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}
+            etag = hashlib.sha1(json.dumps(self.files[key]).encode()).hexdigest()
+            return 200, self.files[key], {"X-Repo-Commit": "1" * 40, "ETag": f'"{etag}"'}
         if len(parts) >= 4 and parts[:2] == ["api", "models"]:
             repo, rest = "/".join(parts[2:4]), parts[4:]
             info = self.repos.get(repo)

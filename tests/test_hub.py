@@ -453,3 +453,30 @@ def test_push_refuses_pickles_and_empty_folders(tmp_path):
     with pytest.raises(RecipeError, match="pickle files"):
         push(tmp_path / "p", str(tmp_path / "out"), commit_message="m")
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_checks_lora_rank_against_a_hub_model_not_downloaded(tmp_path):
+    """A hub model not in the local cache: plan reads its config.json alone (one small file, not the
+    weights) to check the LoRA rank against the hidden size; a rank that fits plans clean."""
+    with FakeHub() as hub:
+        hub.files[("org/remote-tiny", "config.json")] = {"model_type": "llama", "hidden_size": 32}
+        results = {}
+        for r in (64, 8):
+            recipe = sft_recipe(tmp_path, Path("unused"))
+            recipe["model"] = "org/remote-tiny"
+            recipe["stages"][0]["adapter"]["r"] = r
+            path = write_recipe(tmp_path, recipe, name=f"r{r}.yaml")
+            results[r] = subprocess.run(
+                [sys.executable, "-m", "align", "plan", str(path)],
+                env=hub_env(hub.url, tmp_path, token=None),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        got = [p for p in hub.paths() if "resolve" in p]
+    bad, good = results[64], results[8]
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "stages[0](sft).adapter.r" in bad.stderr and "hidden size (32)" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert got and all(p.endswith("/config.json") for p in got), got

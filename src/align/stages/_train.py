@@ -5,6 +5,7 @@ callback, resume, saving and metrics. The TRL stages' skeleton (`align.stages._t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -71,7 +72,7 @@ def check_data(plan: Plan, sp: StagePlan, formats: tuple[str, ...]) -> tuple[dic
                     (where, f"holds `{scan.format}` rows but `path` holds `{found_formats[name]}`; use one format")
                 )
     adapter = getattr(stage, "adapter", None)
-    width = _model_width(plan.base.path) if adapter is not None and adapter.type != "full" else None
+    width = _model_width(plan.base) if adapter is not None and adapter.type != "full" else None
     if width is not None and adapter.r > width:
         problems.append(
             (
@@ -83,10 +84,12 @@ def check_data(plan: Plan, sp: StagePlan, formats: tuple[str, ...]) -> tuple[dic
     return found_formats, problems
 
 
-def _model_width(folder: Path | None) -> int | None:
-    """The hidden size in a model folder's config.json (None when there is no readable one yet)."""
+def _model_width(base: Any) -> int | None:
+    """The model's hidden size from its config.json: the local folder, the embedded GGUF header, or for a
+    hub model not downloaded yet the hub cache or the hub (config.json only, a quick connect first);
+    None when none is readable (then the stage's load is the check)."""
     try:
-        cfg = json.loads((folder / "config.json").read_text()) if folder else None
+        cfg, _ = _config_cached(str(base.path) if base.path else None, base.kind, str(base.ref))
     except (OSError, ValueError):
         return None
     if not isinstance(cfg, dict):
@@ -96,6 +99,13 @@ def _model_width(folder: Path | None) -> int | None:
             if isinstance(c, dict) and isinstance(c.get(key), int):
                 return c[key]
     return None
+
+
+@functools.lru_cache(maxsize=32)
+def _config_cached(path: str | None, kind: str, ref: str) -> tuple[Any, str]:
+    from align.memory import read_model_config
+
+    return read_model_config(Path(path) if path else None, kind=kind, ref=ref)
 
 
 def has_chat_template(plan: Plan) -> bool:
