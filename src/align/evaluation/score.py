@@ -29,8 +29,11 @@ def score_outputs(spec: Any, hypotheses: Sequence[str], references: Sequence[Seq
     precisions, per-item ROUGE). The ROUGE means are also top-level keys, as ``run_task`` returned them.
     Raises ValueError for unusable inputs (no items, a None reference) or a metric that cannot run.
     """
-    from align.evaluation.generation import ROUGE_TYPES, bleu, chrf, rouge
+    from align.evaluation.generation import ROUGE_TYPES, bleu, chrf, missing_metric_packages, rouge
 
+    missing = missing_metric_packages(spec.metrics)
+    if missing:
+        raise ValueError("; ".join(missing))
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
     headline: float | None = None
@@ -222,6 +225,11 @@ def _load_task(name: str, limit: int | None) -> Any:
             f"task `{spec.name}` is a {spec.type} task; align score scores generation tasks (bleu, chrf, rouge)",
             "TASK",
         )
+    from align.evaluation.generation import missing_metric_packages
+
+    missing = missing_metric_packages(spec.metrics)  # before any data is read: one line each, with the pip command
+    if missing:
+        raise RecipeError([("metric", m) for m in missing])
     return spec.model_copy(update={"limit": limit or spec.limit})
 
 

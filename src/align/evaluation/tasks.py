@@ -9,7 +9,8 @@ Schema (every level rejects unknown keys, so a typo fails naming the field)::
                                  # picks ROUGE's tokenizer and BLEU's default tokenizer (unset = en)
     type: generation             # mmlu | generation | perplexity
     data:
-      path: ../shared/data/...   # file or folder, relative to the project root (or absolute)
+      path: ../shared/data/...   # file or folder: absolute, or relative to the current folder, else to the
+                                 # task file's folder, else to a source checkout's root; or a hub dataset id
       format: jsonl              # mmlu_csv | mmlu_jsonl (folder layouts, see mmlu.load_mmlu) | jsonl
       subjects: [...]            # mmlu: subset of subjects (default: all found)
       input_field: source        # generation: record field(s) used by the prompt template
@@ -486,8 +487,21 @@ def load_task(path_or_name: str | Path, tasks_dir: str | Path | None = None) -> 
         where = ".".join(str(x) for x in first["loc"]) if first and first.get("loc") else ""
         head = f"{where}: {first['msg']}" if first else "invalid"
         raise TaskSpecError(f"{path}: invalid task spec ({head})\n{e}") from e
+    _data_beside_task_file(spec, path)
     check_task_data(spec, path)
     return spec
+
+
+def _data_beside_task_file(spec: TaskSpec, path: Path) -> None:
+    """A relative ``data.path`` found from the current folder reads as before; one found only beside the task
+    file (a task file written with its data, run from anywhere) is made absolute there. Otherwise the path stays
+    as written (a source checkout's root, a hub id, or the not-found message)."""
+    rel = Path(spec.data.path).expanduser()
+    if rel.is_absolute() or rel.exists():
+        return
+    beside = path.parent / rel
+    if beside.exists():
+        spec.data.path = str(beside.resolve())
 
 
 def _read_task_yaml(path: Path) -> Any:
@@ -614,7 +628,12 @@ def load_generation_items(spec: TaskSpec, root: str | Path | None = None) -> tup
         raise ValueError(f"task {spec.name!r} is not a generation task")
     path = spec.data_source(root)
     if not path.is_file():
-        raise FileNotFoundError(f"task {spec.name!r}: data file not found: {path}")
+        where = (
+            f" (data.path {spec.data.path} is looked up from the current folder, then beside the task file)"
+            if not Path(spec.data.path).expanduser().is_absolute()
+            else ""
+        )
+        raise FileNotFoundError(f"task {spec.name!r}: data file not found: {path}{where}")
     prompts, refs = [], []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -632,11 +651,19 @@ def load_generation_items(spec: TaskSpec, root: str | Path | None = None) -> tup
             for field in (spec.data.input_field, spec.data.reference_field):
                 if field not in rec:
                     raise ValueError(f"{where}: missing field {field!r} (have {sorted(rec)})")
+            if not isinstance(rec[spec.data.input_field], str) or not rec[spec.data.input_field].strip():
+                got = rec[spec.data.input_field]
+                raise ValueError(
+                    f"{where}: field {spec.data.input_field!r} must be a non-empty string, got "
+                    f"{'null' if got is None else repr(got)[:60]}"
+                )
             try:
                 prompts.append(spec.prompt.template.format(**rec))
             except KeyError as e:
                 raise ValueError(f"{where}: prompt.template uses field {e} missing in record") from e
             refs.append(_references(rec[spec.data.reference_field], where))
+    if not prompts:
+        raise ValueError(f"{path}: no records (the file is empty); one JSON object per line")
     return prompts, refs
 
 
