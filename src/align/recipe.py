@@ -168,6 +168,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in ov:
             raise RecipeError(f"`{ov}` is not of the form key.path=value", "override")
         key, raw = ov.split("=", 1)
+        if not key.strip() or any(not part.strip() for part in key.split(".")):
+            raise RecipeError(
+                f"`{ov}` has an empty key (or an empty part between dots); write e.g. stages.sft.train.max_steps=5",
+                "override",
+            )
         try:
             value = load_yaml_text(raw)
         except yaml.YAMLError:
@@ -246,10 +251,20 @@ def _raw_train_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
 def _explain(err: ValidationError, data: dict[str, Any]) -> list[tuple[str, str]]:
     """Turn pydantic's errors into (path, message) pairs with hints for typos."""
     out: list[tuple[str, str]] = []
+    unions: dict[str, tuple[Any, list[str]]] = {}  # a value no member of a union took: one message, not one per member
     for e in err.errors():
         loc = list(e["loc"])
         if e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), RecipeError):
             out += e["ctx"]["error"].problems
+            continue
+        union_at = _union_member(loc, data)
+        if union_at is not None:
+            path, value, member = union_at
+            if path not in unions:
+                unions[path] = (value, [])
+                out.append((path, ""))  # filled in below, in the order the errors came
+            if member not in unions[path][1]:
+                unions[path][1].append(member)
             continue
         # drop pydantic's discriminator tag from the location (stages.0.sft.train -> stages[0].train)
         clean: list[Any] = []
@@ -285,7 +300,52 @@ def _explain(err: ValidationError, data: dict[str, Any]) -> list[tuple[str, str]
             got = e.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
             out.append((path, f"{e['msg']}{shown}"))
+    for i, (path, msg) in enumerate(out):
+        if not msg and path in unions:
+            value, members = unions[path]
+            kinds = " or ".join(dict.fromkeys(MEMBER_WORDS.get(m, m) for m in members))
+            out[i] = (path, f"must be {kinds} (got {_shown(value)})")
     return out
+
+
+MEMBER_WORDS = {
+    "str": "a name (string)",
+    "list[str]": "a list of names",
+    "dict[str,float]": "a mapping of names to mixture weights",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "none": "null",
+}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return f"a {type(value).__name__}"
+    return repr(value)
+
+
+def _union_member(loc: list[Any], data: dict[str, Any]) -> tuple[str, Any, str] | None:
+    """(field path, the value, the member's name) where pydantic's location runs through a member of a plain union
+    (`data: 5` fails `str`, `list[str]` and `dict[str,float]`: three errors for one field)."""
+    node: Any = data
+    path = ""
+    for part in loc:
+        if isinstance(node, list) and isinstance(part, int) and part < len(node):
+            name = node[part].get("name") if isinstance(node[part], dict) else None
+            path += f"[{part}]({name})" if name else f"[{part}]"
+            node = node[part]
+            continue
+        if isinstance(node, dict) and part in node:
+            path += f".{part}"
+            node = node[part]
+            continue
+        if isinstance(node, dict) and part in STAGE_TYPES:
+            continue
+        if isinstance(part, str) and (part in MEMBER_WORDS or "[" in part):
+            return path.lstrip("."), node, part
+        return None
+    return None
 
 
 def _owner_fields(loc: list[Any], data: dict[str, Any]) -> list[str]:

@@ -97,6 +97,17 @@ class TrainSpec(StageSpec):
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     train: dict[str, Any] = Field(default_factory=dict, description="the trainer's config fields, by their names")
 
+    @field_validator("data")
+    @classmethod
+    def _names_a_dataset(cls, v: DataRef) -> DataRef:
+        if not v:
+            raise PydanticCustomError(
+                "no_dataset",
+                "names no dataset; write `data: train` (a name under `datasets:`), a list of names, or a mapping "
+                "of names to mixture weights",
+            )
+        return v
+
 
 def data_names(data: DataRef) -> list[str]:
     return [data] if isinstance(data, str) else list(data)
@@ -153,7 +164,7 @@ class SpecProblems(RecipeError, ValueError):
     RecipeError, so `align.recipe` reports each with its own field path (`stages[0](sft).train.learning_rate`)."""
 
 
-POSITIVE = ("learning_rate", "value_learning_rate", "num_train_epochs")
+POSITIVE = ("learning_rate", "value_learning_rate", "num_train_epochs", "temperature")
 AT_LEAST_ONE = (
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
@@ -167,14 +178,16 @@ AT_LEAST_ONE = (
 )
 INTERVALS = ("save_steps", "logging_steps", "eval_steps")  # > 0; below 1 transformers reads a share of the run
 SEEDS = ("seed", "data_seed")
-NON_NEGATIVE = ("weight_decay", "warmup_steps")
+NON_NEGATIVE = ("weight_decay", "warmup_steps", "adam_epsilon")
+UNIT_INTERVAL = ("adam_beta1", "adam_beta2")  # [0, 1): torch's AdamW refuses the rest only when the stage starts
 HINTS = {
     "learning_rate": "; typical: 1e-4..1e-3 for a LoRA adapter, 1e-5..5e-5 for full weights",
     "num_train_epochs": "; or set `max_steps`",
+    "temperature": "; sampling needs a temperature above 0 (1.0 samples from the model as it is)",
 }
 
 
-def _number(v: Any) -> float | None:
+def as_number(v: Any) -> float | None:
     """The value as a number (a quoted "2e-5" too, as the trainer arguments are coerced); None if not one (the
     type check reports those)."""
     if isinstance(v, bool):
@@ -194,7 +207,7 @@ def train_value_problems(train: dict[str, Any], path: str) -> list[tuple[str, st
     `per_device_train_batch_size: 0`, `max_steps: -5` and `seed: 2**70` without a word)."""
     out = []
     for key, value in train.items():
-        x = _number(value)
+        x = as_number(value)
         if x is None:
             continue
         where, got = f"{path}.{key}", f"(got {value!r})"
@@ -208,6 +221,10 @@ def train_value_problems(train: dict[str, Any], path: str) -> list[tuple[str, st
             out.append((where, f"must be greater than 0 {got}: a whole number of steps, or below 1 a share of the run"))
         elif key in NON_NEGATIVE and x < 0:
             out.append((where, f"must be 0 or more {got}"))
+        elif key == "max_grad_norm" and x < 0:
+            out.append((where, f"must be 0 or more {got}; 0 turns gradient clipping off, 1.0 is usual"))
+        elif key in UNIT_INTERVAL and not 0 <= x < 1:
+            out.append((where, f"must be at least 0 and below 1 {got}; AdamW's usual betas are 0.9 and 0.999"))
         elif key == "max_steps" and x != -1 and x < 1:
             out.append((where, f"must be at least 1, or -1 to train for `num_train_epochs` epochs {got}"))
         elif key in SEEDS and not (x == int(x) and 0 <= x <= SEED_MAX):
@@ -219,7 +236,7 @@ def weight_problems(weights: dict[str, Any], path: str) -> list[tuple[str, str]]
     """Mixture weights: each dataset's share, > 0 (weight 2 repeats a dataset twice)."""
     out = []
     for name, w in weights.items():
-        x = _number(w)
+        x = as_number(w)
         if x is not None and not (math.isfinite(x) and x > 0):
             out.append(
                 (

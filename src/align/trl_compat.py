@@ -106,6 +106,10 @@ def field_choices(config_cls: type, name: str) -> list[str]:
             continue
         if f.metadata.get("choices"):
             return [str(c) for c in f.metadata["choices"]]
+        tp = _field_types(config_cls).get(name, f.type)
+        for member in typing.get_args(tp) if _is_union(tp) else (tp,):
+            if isinstance(member, type) and issubclass(member, enum.Enum):  # `SchedulerType | str`: the enum's values
+                return [str(m.value) for m in member]
         found = _VALUES.search(str(f.metadata.get("help", ""))) if name in _LISTED_IN_HELP else None
         values = re.findall(r"'([A-Za-z0-9_.\-]+)'", found.group(1)) if found else []
         default = f.default_factory() if f.default is dataclasses.MISSING and callable(f.default_factory) else f.default

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +24,9 @@ from pydantic import Field, StrictBool
 from align.data import PROMPT_FORMATS, file_hash, to_prompts
 from align.errors import RecipeError, did_you_mean
 from align.memory import StageMemoryInput, Workload
-from align.models import torch_dtype
+from align.models import read_json_mapping, torch_dtype
 from align.rundir import Plan, StagePlan, input_artifact
-from align.spec import RecipeSpec, StageSpec, TrainSpec
+from align.spec import RecipeSpec, StageSpec, TrainSpec, as_number
 from align.stages._trl import TRAIN_DEFAULTS, Trained, TRLStage
 from align.stages.base import Default, Problem, Stage, fmt
 from align.trl_compat import GRPOConfig, RLOOConfig
@@ -124,6 +123,24 @@ class OnlineRL(TRLStage):
         if reward_kind(ref) == "stage":
             inputs.append(ref)  # the reward model is an input too: retraining it re-runs this stage
         return inputs
+
+    def check_fields(self, spec: Any, where: str) -> list[Problem]:
+        """GRPO/RLOO compare several completions of one prompt: at least 2 (TRL divides by the count first)."""
+        problems = []
+        n, beta = as_number(spec.train.get("num_generations")), as_number(spec.train.get("beta"))
+        if n is not None and n < 2:
+            problems.append(
+                (
+                    f"{where}.train.num_generations",
+                    f"must be at least 2 (got {spec.train['num_generations']!r}): the advantage compares "
+                    "completions of the same prompt",
+                )
+            )
+        if beta is not None and beta < 0:
+            problems.append(
+                (f"{where}.train.beta", f"the KL coefficient must be 0 or more (got {spec.train['beta']!r})")
+            )
+        return problems
 
     def convert(self, ds: Any, fmt: str, *, chat: bool, spec: Any, tok: Any) -> Any:
         return to_prompts(ds, fmt, chat=chat)
@@ -319,9 +336,19 @@ def check_reward(plan: Plan, sp: StagePlan, *, same_tokenizer: bool) -> list[Pro
     if kind == "stage":
         return []
     folder = Path(ref).expanduser()
+    if not folder.exists():
+        return [
+            (
+                f"{where}.reward",
+                f"{folder} does not exist: name a reward stage, a reward model folder, or `module:function`",
+            )
+        ]
     if not (folder / "config.json").is_file():
         return [(f"{where}.reward", f"{folder} is not a model folder (no config.json)")]
-    cfg = json.loads((folder / "config.json").read_text())
+    try:
+        cfg = read_json_mapping(folder / "config.json", f"{where}.reward")
+    except RecipeError as e:
+        return e.problems
     if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
         return [
             (f"{where}.reward", f"{folder} is not a sequence classifier (architectures: {cfg.get('architectures')})")
@@ -349,7 +376,8 @@ def reward_identity(plan: Plan, sp: StagePlan) -> dict[str, Any]:
     if reward_kind(ref) == "stage":
         return {"stage": ref}
     if reward_kind(ref) == "path":
-        files = sorted(f for f in Path(ref).expanduser().iterdir() if f.suffix in {".json", ".safetensors"})
+        folder = Path(ref).expanduser()  # not a folder: `check_reward` says so
+        files = sorted(f for f in folder.iterdir() if f.suffix in {".json", ".safetensors"}) if folder.is_dir() else []
         return {"reward_model_files": {f.name: file_hash(f) for f in files}}  # content, not where it lies
     f = function_file(plan, sp)
     return {"function": ref, "sha256": file_hash(f) if f else None}

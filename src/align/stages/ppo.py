@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,7 +87,10 @@ class PPO(OnlineRL):
         try:
             cfg = config(plan, sp)
         except (ValueError, TypeError) as e:
-            problems.append((f"{sp.where}.train", str(e).splitlines()[0]))
+            text = str(e).splitlines()[0]
+            field = re.match(r"PPOConfig\.(\w+)", text)  # PPOConfig's checks name the field first
+            where = f"{sp.where}.train" + (f".{field.group(1)}" if field else "")
+            problems.append((where, text.replace("PPOConfig.", "train.")))
         else:
             problems += tracking.check(cfg.report_to, f"{sp.where}.train.report_to", ppo=True)
         return problems
@@ -99,7 +103,10 @@ class PPO(OnlineRL):
         }
 
     def batch(self, plan: Plan, sp: StagePlan) -> tuple[int, int]:
-        return config(plan, sp).batch_size, 1  # prompts per rollout step per process
+        try:
+            return config(plan, sp).batch_size, 1  # prompts per rollout step per process
+        except (ValueError, TypeError):  # `check` reports the bad value; the launch is checked with the default
+            return PPOConfig.batch_size, 1
 
     def launch_problems(self, info: Any, where: str) -> list[Problem]:
         if info.distributed_type not in ("DEEPSPEED", "FSDP"):

@@ -20,9 +20,9 @@ from pydantic import Field, StrictBool
 from align.data import PAIR_FORMATS, to_preference
 from align.memory import Workload
 from align.rundir import Plan, StagePlan
-from align.spec import TrainSpec
+from align.spec import TrainSpec, as_number
 from align.stages._trl import TRAIN_DEFAULTS, Trained, TRLStage
-from align.stages.base import Default, fmt, loss_line
+from align.stages.base import Default, Problem, fmt, loss_line
 from align.stages.reward import holdout
 from align.trl_compat import DPOConfig, KTOConfig, orpo_config
 
@@ -59,6 +59,24 @@ class PreferenceStage(TRLStage):
             "learning_rate", 5e-5, "preference tuning moves less than SFT; TRL's 1e-6 suits full weights", "adapter"
         ),
     )
+
+    def check_fields(self, spec: Any, where: str) -> list[Problem]:
+        """Values TRL takes without a word: a negative `beta` trains towards the rejected answers, 0 learns nothing."""
+        problems = []
+        beta, smoothing = as_number(spec.train.get("beta")), as_number(spec.train.get("label_smoothing"))
+        if beta is not None and not beta > 0:
+            problems.append(
+                (f"{where}.train.beta", f"must be greater than 0 (got {spec.train['beta']!r}); 0.1 is usual")
+            )
+        if smoothing is not None and not 0 <= smoothing < 0.5:
+            problems.append(
+                (
+                    f"{where}.train.label_smoothing",
+                    f"must be at least 0 and below 0.5 (got {spec.train['label_smoothing']!r}): the share of "
+                    "pairs assumed flipped; 0.5 or more trains towards the rejected answers",
+                )
+            )
+        return problems
 
     def convert(self, ds: Any, fmt: str, *, chat: bool, spec: Any, tok: Any) -> Any:
         return to_preference(ds, fmt, chat=chat)
