@@ -218,19 +218,28 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one branch per c
         if args.command == "score":
             from align.evaluation.score import main as cmd_score
 
+            check_out_folder(args.out, "--out")
             return cmd_score(args)
         if args.command == "merge":
             from pathlib import Path
 
+            from align.errors import RecipeError
             from align.merge import merge
 
-            print(f"merged model: {merge(Path(args.source), Path(args.out), dtype=args.dtype)}")
+            try:
+                print(f"merged model: {merge(Path(args.source), Path(args.out), dtype=args.dtype)}")
+            except RecipeError as e:  # the options by the names the command line gives them
+                options = {"out": "--out", "dtype": "--dtype"}
+                raise RecipeError([(options.get(p, p), m) for p, m in e.problems]) from None
             return 0
         if args.command == "report":
             from pathlib import Path
 
+            from align.errors import RecipeError
             from align.report import write_report
 
+            if not Path(args.run_dir).is_dir():
+                raise RecipeError(f"{args.run_dir} is not a folder: give a run folder (runs/<name>)", "RUN_DIR")
             print(f"report: {write_report(Path(args.run_dir))}")
             return 0
         if args.command == "stage":
@@ -261,8 +270,7 @@ def cmd_eval(args: Any) -> int:
     if args.limit is not None and args.limit < 1:
         raise RecipeError(f"must be at least 1 (got {args.limit}); leave it out to evaluate every item", "--limit")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"{out} is a file; give a folder for metrics.json and summary.md", "--out")
+    check_out_folder(out, "--out")
     if args.baseline:
         load_metrics(args.baseline, "--baseline")
     problems: list[tuple[str, str]] = []
@@ -356,8 +364,29 @@ def cmd_eval(args: Any) -> int:
     return 0
 
 
+def check_out_folder(out: Any, field: str) -> None:
+    """An output folder that can be made: not a file, nor under one (checked before anything is computed)."""
+    from pathlib import Path
+
+    from align.errors import RecipeError
+
+    out = Path(out).expanduser()
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == out else f"is under {folder}, which is a file"
+                raise RecipeError(f"{out} {what}; give a folder for metrics.json and summary.md", field)
+            return
+
+
+def _json_record(f: Any, field: str) -> dict[str, Any]:
+    """run.json / stage.json of a run folder: a JSON object, else RecipeError naming the file."""
+    from align.models import read_json_mapping
+
+    return read_json_mapping(f, field, "the run folder is damaged; run the recipe again")
+
+
 def cmd_push(args: Any) -> int:
-    import json
     from pathlib import Path
 
     from align.errors import RecipeError
@@ -373,18 +402,28 @@ def cmd_push(args: Any) -> int:
         raise RecipeError(f"{src} is not a folder", "RUN_OR_STAGE_DIR")
     if (src / "stage.json").is_file() or (src.parent / "run.json").is_file():
         run_dir, stage = src.parent, src.name  # a stage folder (done or not: `ship` refuses one not done)
+        if (src / "stage.json").is_file():
+            _json_record(src / "stage.json", "RUN_OR_STAGE_DIR")
     else:  # a run folder: its last policy stage (or reward stage, for --what reward)
         run_dir = src
         want = "produces_reward" if args.what == PUSH_WHAT else "produces_policy"
-        rec = json.loads((src / "run.json").read_text()) if (src / "run.json").is_file() else {"stages": []}
-        names = [s["name"] for s in rec["stages"]]
+        rec = _json_record(src / "run.json", "RUN_OR_STAGE_DIR") if (src / "run.json").is_file() else {}
+        stages = rec.get("stages", [])
+        if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) for s in stages
+        ):
+            raise RecipeError(
+                f"{src / 'run.json'}: `stages` is not a list of stages; run the recipe again", "RUN_OR_STAGE_DIR"
+            )
+        names = [s["name"] for s in stages]
         done = [n for n in names if (info := read_stage_json(src / n)) and (info.get("traits") or {}).get(want)]
         if not done:
             raise RecipeError(f"{src} has no finished stage to push as `{args.what}`", "RUN_OR_STAGE_DIR")
         stage = done[-1]
     base = args.base_model
     if base is None and (run_dir / "run.json").is_file():
-        base = json.loads((run_dir / "run.json").read_text()).get("base_model", {}).get("hub_id")
+        base_model = _json_record(run_dir / "run.json", "RUN_OR_STAGE_DIR").get("base_model")
+        base = base_model.get("hub_id") if isinstance(base_model, dict) else None
     if base is None and args.what == "adapter":
         raise RecipeError(
             "the run's base model is a local folder: a pushed adapter must name its base on the hub; pass "
@@ -449,6 +488,8 @@ def cmd_plan(args: Any) -> int:
             gpu_bytes = parse_size(args.gpu_memory)
         except ValueError as e:
             raise RecipeError(str(e), "--gpu-memory") from None
+        if gpu_bytes <= 0:
+            raise RecipeError(f"must be more than 0 (got {args.gpu_memory}); e.g. 80GB, 24GiB", "--gpu-memory")
     if args.gpus and args.num_processes is None:
         args.num_processes = args.gpus
     plan = make_plan(args.recipe, args.overrides, **launch_args(args), gpus=args.gpus)

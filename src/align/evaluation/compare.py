@@ -124,6 +124,13 @@ def check_metrics(data: dict[str, Any], where: str) -> list[str]:
         if "target" in r and not isinstance(r["target"], str):
             problems.append(f"{at}.target must be a string, got {_type(r['target'])}")
             bad = True
+        version = r.get("task_version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            problems.append(f"{at}.task_version must be a whole number or null, got {_type(version)}")
+            bad = True
+        n = r.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            problems.append(f"{at}.n (items scored) must be a whole number >= 0 or null, got {_type(n)}")
         se = r.get("stderr")
         if se is not None and (not _number(se) or se < 0 or math.isinf(se)):  # NaN: one item, no stderr
             problems.append(f"{at}.stderr must be a number >= 0 or null, got {_type(se)}")

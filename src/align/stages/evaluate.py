@@ -341,14 +341,25 @@ def resolve_target(ref: str) -> tuple[str, dict[str, Any], Path]:
         if stages:
             p = stages[-1]
     if (p / "stage.json").is_file():
-        info = read_stage_json(p) or {}
+        info = read_stage_json(p)
+        if not isinstance(info, dict) or not isinstance(info.get("output"), dict):
+            raise RecipeError(
+                f"{p / 'stage.json'} is not a finished stage's record (not JSON, or no `output`); run the stage "
+                "again (`align run RECIPE --force STAGE`)",
+                "TARGET",
+            )
         art = locate(info["output"], p)
         if art["kind"] == "metrics":
             raise RecipeError(f"{p} is an eval stage; point at a training stage or model", "TARGET")
         return p.name, art, Path(art["path"])
     if (p / "adapter_config.json").is_file():
         base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not (Path(base) / "config.json").is_file():
+        if not base:
+            raise RecipeError(
+                f"{p / 'adapter_config.json'} has no `base_model_name_or_path`: set it to the base model's folder",
+                "TARGET",
+            )
+        if not (Path(base) / "config.json").is_file():
             raise RecipeError(f"the adapter's base model `{base}` is not a local folder", "TARGET")
         return p.name, {"kind": "adapter", "path": str(p), "base": base}, p
     if (p / "config.json").is_file():
