@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned in the set-up path: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart test lint bench clean-runs
+.PHONY: setup quickstart test lint bench lmeval clean-runs
 
 setup: $(VENV)/.align-installed
 
@@ -29,6 +29,15 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/sft_throughput.py
+
+# lm-evaluation-harness in a venv of its own (the MMLU benchmarks' reference), beside our pins
+lmeval: .venv-lmeval/.installed
+
+.venv-lmeval/.installed:
+	test -x .venv-lmeval/bin/python || $(PYTHON) -m venv .venv-lmeval
+	.venv-lmeval/bin/python -m pip install -q $(TORCH)
+	.venv-lmeval/bin/python -m pip install -q "lm-eval==0.4.13" "transformers==5.23.0" "accelerate==1.15.0"
+	touch $@
 
 clean-runs:
 	rm -rf runs
