@@ -10,6 +10,7 @@ Japanese, 13a otherwise), chrF/chrF++ with sacrebleu's CHRF, English ROUGE with 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import shutil
@@ -418,3 +419,25 @@ def test_relative_data_path_beside_the_task_file_or_missing(tmp_path, monkeypatc
     missing = _task(tmp_path / "m.yaml", "m", "data/missing.jsonl", ("src", "ref"), "{name: chrf}", None)
     with pytest.raises(FileNotFoundError, match="data file not found: .*missing.jsonl .*beside the task file"):
         load_generation_items(load_task(missing))
+
+
+def test_recipe_and_align_eval_refuse_a_metric_whose_package_is_missing(tmp_path, tiny_llama, capsys) -> None:
+    """A Korean BLEU task without MeCab-ko (never installed here): `align plan` refuses the recipe's eval stage
+    and `align eval` refuses the task, both before a model is loaded or a stage trains, naming the pip command."""
+    from conftest import plan_in_process, sft_recipe, write_jsonl, write_recipe
+
+    from align.cli import main
+
+    if importlib.util.find_spec("mecab_ko") is not None:
+        pytest.skip("mecab-ko is installed here")
+    write_jsonl(tmp_path / "ko.jsonl", [{"src": "hello", "ref": "안녕하세요"}])
+    task = _task(tmp_path / "ko_task.yaml", "ko_task", str(tmp_path / "ko.jsonl"), ("src", "ref"), "{name: bleu}", "ko")
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    recipe["stages"] = recipe["stages"][:1] + [{"name": "ko", "type": "eval", "tasks": [{"task": str(task)}]}]
+    rc, out = plan_in_process(write_recipe(tmp_path, recipe), capsys)
+    assert rc == 2 and "stages[1](ko).tasks[0].task" in out and 'pip install "sacrebleu[ko]"' in out, out
+    assert "Traceback" not in out
+    rc = main(["eval", str(tiny_llama), "--tasks", str(task), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().err
+    assert rc == 2 and f"--tasks {task}" in out and 'pip install "sacrebleu[ko]"' in out, out
+    assert not (tmp_path / "out").exists()

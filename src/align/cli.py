@@ -300,6 +300,10 @@ def cmd_eval(args: Any) -> int:
                 )
                 continue
             spec = spec.model_copy(update={"data": spec.data.model_copy(update={"subjects": list(args.subjects)})})
+        if spec.type == "generation":
+            from align.evaluation.generation import missing_metric_packages
+
+            problems += [(f"--tasks {name}", m) for m in missing_metric_packages(spec.metrics)]
         if spec.from_hub:
             try:
                 spec.data_source(data_root(spec.data.path))  # fetched once (or found in the cache) before a model loads

@@ -151,6 +151,10 @@ def check(plan: Plan, sp: StagePlan) -> list[Problem]:
                     )
                 )
                 continue
+            if spec.type == "generation":  # a metric's package (MeCab for ja BLEU, say): now, not after generating
+                from align.evaluation.generation import missing_metric_packages
+
+                problems += [(f"{where}.tasks[{j}].task", m) for m in missing_metric_packages(spec.metrics)]
             if spec.from_hub:
                 plan.warnings.append(f"task `{spec.name}`: hub data `{spec.data.path}` is fetched (once) when it runs")
             elif not spec.resolve_path(data_root(spec.data.path)).exists():
