@@ -545,7 +545,11 @@ class Guard(TrainerCallback):
         logs = logs or {}
         self.check(logs, state.global_step)
         if state.is_world_process_zero:
-            self.log({"step": state.global_step, **logs})
+            record = {"step": state.global_step, **logs}
+            if "train_loss" in logs:  # the trainer's summary: its mean covers only this attempt's steps
+                whole = logged_losses(self.log_path)[2]  # the whole stage's, as metrics.json reports it
+                record["train_loss"] = whole if whole is not None else logs["train_loss"]
+            self.log(record)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.interrupted:

@@ -52,6 +52,41 @@ TRAIN_DEFAULTS: tuple[Default, ...] = (
 )
 
 
+ALIGN_STATE_FILE = "align_trainer_state"
+
+
+class CheckpointedState:
+    """Mixed into a TRL trainer: its `checkpointed` attributes go into each checkpoint and come back on resume.
+
+    Written beside the RNG state, so before trainer_state.json, which marks a checkpoint complete (a kill between
+    them leaves a checkpoint no resume picks); read back with the RNG state, before the first resumed step. One file
+    per process, as the RNG state. A checkpoint without it (an older align) resumes as TRL alone does.
+    """
+
+    checkpointed: ClassVar[tuple[str, ...]] = ()
+
+    def _align_state_file(self, folder: str) -> Path:
+        rank = "" if self.args.world_size <= 1 else f"_{self.args.process_index}"
+        return Path(folder) / f"{ALIGN_STATE_FILE}{rank}.pt"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        import torch
+
+        super()._save_rng_state(output_dir)  # type: ignore[misc]
+        state = {name: getattr(self, name) for name in self.checkpointed if hasattr(self, name)}
+        torch.save(state, self._align_state_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        import torch
+
+        super()._load_rng_state(checkpoint)  # type: ignore[misc]
+        if checkpoint is None or not self._align_state_file(checkpoint).is_file():
+            return
+        state = torch.load(self._align_state_file(checkpoint), map_location=self.accelerator.device, weights_only=True)
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
 @dataclass
 class Trained:
     """What a stage's own metrics are read from once training is over."""
@@ -148,7 +183,7 @@ class TRLStage(Stage):
 
         # trainer
         guard = Guard(out / "train_log.jsonl", sp.partial_dir)
-        trl_trainer = trainer(self.trainer_name)(
+        trl_trainer = self.trainer_class()(
             model=model,
             args=args,
             train_dataset=train_ds,
@@ -201,6 +236,16 @@ class TRLStage(Stage):
         model = load_policy(plan, source, sp.partial_dir)
         set_pad(model, tokenizer)
         return model
+
+    # Trainer attributes TRL keeps outside its checkpoints that a resumed run needs to go on as an uninterrupted one:
+    # the token count TRL logs as `num_tokens` (the sft, reward and preference trainers count it themselves).
+    checkpointed: ClassVar[tuple[str, ...]] = ("_total_train_tokens",)
+
+    def trainer_class(self) -> type:
+        """TRL's trainer, whose checkpoints also carry the `checkpointed` attributes (`CheckpointedState`)."""
+        base = trainer(self.trainer_name)
+        fields = {"__module__": __name__, "checkpointed": self.checkpointed}
+        return type(base.__name__, (CheckpointedState, base), fields)
 
     def trainer_kwargs(self, plan: Plan, sp: StagePlan, eval_ds: Any) -> dict[str, Any]:
         return {"eval_dataset": eval_ds}

@@ -151,6 +151,14 @@ class OnlineRL(TRLStage):
     def resolved_config(self, plan: Plan, sp: StagePlan) -> dict[str, Any]:
         return {**self.train_args(plan, sp), **reward_record(plan, sp)}
 
+    # TRL's GRPOTrainer and RLOOTrainer sample one batch of completions and train on it for
+    # `steps_per_generation * num_iterations` micro-steps, counting them in `_step`; neither is in TRL's checkpoint.
+    # Resumed from a checkpoint inside such a block, TRL would start `_step` at 0 and sample the batch again with the
+    # checkpoint's RNG state instead of the one the first sampling had: other completions, other weights. Carried
+    # in the checkpoint, the resumed run trains on the rest of the block, then samples the next one from the RNG
+    # state the uninterrupted run had there.
+    checkpointed = (*TRLStage.checkpointed, "_step", "_buffered_inputs")
+
     def trainer_kwargs(self, plan: Plan, sp: StagePlan, eval_ds: Any) -> dict[str, Any]:
         if reward_is_function(sp):
             return {"reward_funcs": load_function(plan, sp), "reward_processing_classes": None}

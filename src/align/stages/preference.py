@@ -90,7 +90,7 @@ class PreferenceStage(TRLStage):
         return {"eval_dataset": eval_ds, **({"ref_model": None} if self.with_reference else {})}
 
     def stage_metrics(self, plan: Plan, sp: StagePlan, t: Trained) -> dict[str, Any]:
-        m: dict[str, Any] = {"t.heldout": t.heldout}
+        m: dict[str, Any] = {"heldout": t.heldout}
         if t.eval_ds is not None:
             ev = t.trainer.evaluate()
             m["eval_pairs"] = len(t.eval_ds)

@@ -111,7 +111,7 @@ class Reward(TRLStage):
         return output, None
 
     def stage_metrics(self, plan: Plan, sp: StagePlan, t: Trained) -> dict[str, Any]:
-        m: dict[str, Any] = {"t.heldout": t.heldout}
+        m: dict[str, Any] = {"heldout": t.heldout}
         if t.eval_ds is not None:
             ev = t.trainer.evaluate()
             m.update(
