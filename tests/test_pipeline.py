@@ -167,6 +167,18 @@ def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama):
     assert not (tmp_path / "runs" / "tiny" / "sft").exists()
 
 
+def test_a_stage_that_learned_nothing_is_not_marked_done(tmp_path, tiny_llama):
+    """max_length 1 cuts every completion off: TRL trains on no token (loss 0, no weight moves). The stage fails
+    with the likely cause named instead of reporting a trained adapter."""
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    recipe["stages"] = recipe["stages"][:1]
+    recipe["stages"][0]["train"].update(max_length=1, max_steps=2)
+    res = align("run", str(write_recipe(tmp_path, recipe)))
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "no trainable weight changed in 2 steps" in res.stderr and "`train.max_length` (1)" in res.stderr
+    assert not (tmp_path / "runs" / "tiny" / "sft" / "stage.json").exists()
+
+
 def test_unwritable_run_folder_fails_before_training(tmp_path, tiny_llama):
     recipe = sft_recipe(tmp_path, tiny_llama)
     blocker = tmp_path / "file"

@@ -47,6 +47,10 @@ class NonFiniteLoss(AlignError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
+class NothingLearned(AlignError):
+    """A training stage ran its steps but no trainable weight changed: not marked done (exit code 1)."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean `x`?)' suffix, or '' when nothing is close."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)

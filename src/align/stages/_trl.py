@@ -13,11 +13,13 @@ from typing import Any, ClassVar
 
 from align import distributed, tracking
 from align.console import trainer_progress
+from align.errors import NothingLearned
 from align.models import peft_config, plan_tokenizer
 from align.rundir import Plan, StagePlan, input_artifact, write_common, write_metrics
 from align.spec import data_names
 from align.stages._train import (
     Guard,
+    changed_count,
     check_chat_template,
     check_data,
     check_trl_args,
@@ -103,6 +105,9 @@ class TRLStage(Stage):
     evaluate_before: ClassVar[bool] = False  # held-out metrics before the first step too
     peft_task: ClassVar[str] = "CAUSAL_LM"
     defaults = TRAIN_DEFAULTS
+    # a finished stage whose trainable weights did not move learned nothing: not marked done (exit 1). Online RL
+    # opts out: a batch whose group rewards are all equal has zero advantage and leaves the weights as they are
+    unchanged_is_failure: ClassVar[bool] = True
 
     # ------------------------------------------------------------ recipe time
 
@@ -200,6 +205,13 @@ class TRLStage(Stage):
         evaluate_before = self.evaluate_before and eval_ds is not None
         result, ev_before = train(trl_trainer, sp, guard, evaluate_before=evaluate_before)
         trained = distributed.check_ranks_agree(trl_trainer.model, sp.name, out)
+        if self.unchanged_is_failure and trl_trainer.state.global_step and not changed_count(before, trained):
+            raise NothingLearned(  # every rank holds the same weights (checked above): every rank raises
+                f"stage `{sp.name}`: no trainable weight changed in {trl_trainer.state.global_step} steps (loss "
+                f"{guard.first_loss} -> {guard.last_loss}), so nothing was learned and the stage is not marked done. "
+                f"Usual causes: `train.max_length` ({args_dict.get('max_length')}) cuts off every completion so no "
+                "token is trained; a learning rate of 0; data with no trainable target"
+            )
 
         # save (every rank takes part; the main process writes and verifies)
         output, merged = self.save(plan, sp, trl_trainer, tokenizer, out, source, trained)

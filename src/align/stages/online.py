@@ -78,6 +78,8 @@ def reward_is_function(sp: StagePlan) -> bool:
 class OnlineRL(TRLStage):
     """What grpo, rloo and ppo share: prompts as data, a reward, and the reward as an input of the stage."""
 
+    unchanged_is_failure = False  # equal rewards within every group: zero advantage, weights unchanged by design
+
     formats = PROMPT_FORMATS
     produces_policy = True
     path_fields = ("reward",)  # `reward: ./folder` is a reward model folder beside the recipe
