@@ -383,6 +383,26 @@ CASES: list[tuple[str, Build, list[str]]] = [
         ["stage.json", "not valid JSON"],
     ),
     (
+        "push-stage-repo-id-with-a-space",
+        recipe(lambda r, t: r["stages"].append({"name": "ship", "type": "push", "from": "sft", "repo_id": "a b/c"})),
+        ["stages[2](ship).repo_id", "not a valid hub repository id"],
+    ),
+    (
+        "push-repo-id-with-a-space",
+        lambda t, m: ["push", str(run_folder(t, "{}")), "--repo-id", "my org/model"],
+        ["--repo-id", "not a valid hub repository id"],
+    ),
+    (
+        "push-repo-id-dot-git",
+        lambda t, m: ["push", str(run_folder(t, "{}")), "--repo-id", "org/model.git"],
+        ["--repo-id", "cannot end by '.git'"],
+    ),
+    (
+        "push-repo-id-no-org",
+        lambda t, m: ["push", str(run_folder(t, "{}")), "--repo-id", "not a repo"],
+        ["--repo-id", "is not ORG/NAME"],
+    ),
+    (
         "merge-out-is-a-file",
         lambda t, m: ["merge", str(adapter(t, "{}")), "--out", str(write(t / "of", "x"))],
         ["--out"],

@@ -395,11 +395,13 @@ def cmd_push(args: Any) -> int:
 
     from align.errors import RecipeError
     from align.rundir import read_stage_json
-    from align.stages.push import WHAT, ship
+    from align.stages.push import WHAT, repo_id_problem, ship
     from align.stages.reward import PUSH_WHAT
 
     if args.what not in WHAT:
         raise RecipeError(f"`{args.what}` is not one of {', '.join(WHAT)}", "--what")
+    if args.repo_id is not None and (why := repo_id_problem(args.repo_id)):
+        raise RecipeError(why, "--repo-id")
 
     src = Path(args.source).resolve()
     if not src.is_dir():

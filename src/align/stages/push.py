@@ -47,6 +47,19 @@ class PushSpec(StageSpec):
         return self
 
 
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` is not a hub repository id (ORG/NAME, the hub's own rules), or None."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return f"`{repo_id}` is not ORG/NAME"
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"`{repo_id}` is not a valid hub repository id: {str(e).split(':')[0]}"
+    return None
+
+
 class Push(Stage):
     name = "push"
     spec = PushSpec
@@ -55,9 +68,8 @@ class Push(Stage):
     source_must_be_policy = False  # `what: reward` pushes a reward stage
 
     def check_args(self, spec: PushSpec, where: str) -> list[Problem]:
-        if spec.repo_id is not None and (spec.repo_id.count("/") != 1 or spec.repo_id.startswith((".", "/"))):
-            return [(f"{where}.repo_id", f"`{spec.repo_id}` is not ORG/NAME")]
-        return []
+        why = repo_id_problem(spec.repo_id) if spec.repo_id is not None else None
+        return [(f"{where}.repo_id", why)] if why else []
 
     def links(self, recipe: Any, spec: PushSpec, where: str, kind: Any) -> list[Problem]:
         index = recipe.stages.index(spec)
