@@ -153,59 +153,6 @@ def test_split_path_falls_back_when_attention_is_not_routed(llama, monkeypatch) 
         assert b.loglikelihoods == pytest.approx(a.loglikelihoods, abs=1e-5)
 
 
-def test_compiled_norm_and_mlp_blocks_equal_eager_and_leave_the_model_as_it_was(llama, monkeypatch) -> None:
-    """The job-size switch forced on: RMSNorm and MLP blocks run compiled (inductor, CPU) for the call; scores
-    equal the eager ones to float rounding, and no block keeps a patched forward afterwards."""
-    model, tok = llama
-    reqs = requests()
-    eager = score_choices(model, tok, reqs, batch_size=3, progress=False)
-    blocks = [m for m in model.modules() if multiple_choice._fusable(m)]
-    kinds = {type(m).__name__ for m in blocks}
-    assert {"LlamaRMSNorm", "LlamaMLP"} <= kinds, kinds
-    compiled_calls = []
-    real_compile = torch.compile
-
-    def counting_compile(fn, **kw):
-        compiled_calls.append(fn)
-        return real_compile(fn, **kw)
-
-    monkeypatch.setattr(torch, "compile", counting_compile)
-    monkeypatch.setattr(multiple_choice, "_COMPILE", True)
-    got = score_choices(model, tok, reqs, batch_size=3, progress=False)
-    assert len(compiled_calls) == len(blocks)
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    for a, b in zip(eager, got, strict=True):
-        assert b.loglikelihoods == pytest.approx(a.loglikelihoods, abs=1e-4)
-        assert b.prediction == a.prediction
-
-
-def test_compile_failure_falls_back_to_eager_with_one_warning(llama, monkeypatch) -> None:
-    """No C++ compiler (or any inductor error): one warning, the same scores as eager, model restored."""
-    model, tok = llama
-    reqs = requests()
-    eager = score_choices(model, tok, reqs, batch_size=3, progress=False)
-
-    def broken_compile(fn, **kw):
-        def fail(*a, **k):
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
-
-        return fail
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(multiple_choice, "_COMPILE", True)
-    with pytest.warns(RuntimeWarning, match="scoring in eager mode") as caught:
-        got = score_choices(model, tok, reqs, batch_size=3, progress=False)
-    assert len([w for w in caught if "torch.compile" in str(w.message)]) == 1
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert [s.loglikelihoods for s in got] == [s.loglikelihoods for s in eager]
-
-
-def test_small_jobs_are_not_compiled(llama, monkeypatch) -> None:
-    model, tok = llama
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("compiled a small job"))
-    score_choices(model, tok, requests(), batch_size=3, progress=False)
-
-
 def test_groups_batches_and_order_do_not_change_scores(llama) -> None:
     model, tok = llama
     reqs = requests() + [ChoiceRequest("Another context entirely.", (" A", " 19 is the sum"), group="other")]

@@ -30,13 +30,6 @@ spent ~40% of a 3k-token prompt's time there: masked attention over prefix + suf
 per-batch copy of the prefix KV (``cat``, ~8%) and building the mask (~3%); the rest is the
 linear layers, which no cache avoids. It stays as the fallback for other devices and models.
 
-Elementwise work (CPU): with the attention split, a third of the time went to memory-bound elementwise
-ops between the matmuls: RMSNorm's pow/mean/rsqrt/mul and the MLP's SiLU(gate) * up, each a separate
-pass over [tokens, hidden] tensors. For a large enough job (``_COMPILE_MIN_TOKENS``), the norm and MLP
-blocks run through ``torch.compile`` (inductor fuses each into one pass; the matmuls stay aten's), for
-this call only; the model is left as it was. A compile failure (no C++ compiler, say) falls back to eager
-with one warning. Results move by float rounding only (~1e-5 in a log-likelihood).
-
 Processes: work is sharded by whole batches (``align.distributed.mine``, batch ``b`` of the run
 to rank ``b mod world``), each batch computed exactly as one process computes it, and the
 results gathered once at the end, so every rank returns the one-process result.
@@ -47,7 +40,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -330,56 +323,6 @@ def _split_attention_on(model: Any, state: _SplitBatch) -> Iterator[None]:
         config._attn_implementation = before
 
 
-_COMPILE_MIN_TOKENS = 20_000  # below this a cold compile (20-40 s on 2 cores) costs more than it saves
-_COMPILE: bool | None = None  # None: by job size; tests and benchmarks force True / False here
-
-
-def _fusable(module: torch.nn.Module) -> bool:
-    """A norm or MLP block whose forward is pure tensor code: RMSNorm, or an MLP of plain ``nn.Linear``s and
-    a parameter-free activation (a peft-wrapped projection is left alone)."""
-    name = type(module).__name__
-    if name.endswith("RMSNorm"):
-        return not any(True for _ in module.children())
-    if name.endswith("MLP"):
-        children = list(module.children())
-        return bool(children) and all(
-            type(c) is torch.nn.Linear or not any(True for _ in c.parameters()) for c in children
-        )
-    return False
-
-
-class _Fused:
-    """The fusable blocks' forwards swapped for compiled ones while active; ``off()`` restores eager."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.eager = {m: m.forward for m in model.modules() if _fusable(m)}
-        self.active = False
-
-    def on(self) -> None:
-        for m, fwd in self.eager.items():
-            m.forward = torch.compile(fwd, dynamic=True)
-        self.active = bool(self.eager)
-
-    def off(self) -> None:
-        for m in self.eager:
-            m.__dict__.pop("forward", None)  # the class's forward again (nothing of ours left behind)
-        self.active = False
-
-
-@contextmanager
-def _compiled_blocks(model: torch.nn.Module, device: torch.device, tokens: int) -> Iterator[_Fused]:
-    """Compiled norm/MLP blocks for this call when on CPU and the job is big enough (see the module docstring)."""
-    fused = _Fused(model)
-    wanted = _COMPILE if _COMPILE is not None else tokens >= _COMPILE_MIN_TOKENS
-    if wanted and device.type == "cpu" and not any("forward" in m.__dict__ for m in fused.eager):
-        fused.on()
-    try:
-        yield fused
-    finally:
-        if fused.active:
-            fused.off()
-
-
 class _PrefixScorer:
     """Runs suffix rows against a prefix KV cache computed once; the cache tensors are never
     mutated. Packed split attention where available (see the module docstring), else each batch
@@ -496,26 +439,6 @@ class _PrefixScorer:
         return out
 
 
-def _compiled_or_eager(fused: _Fused, step: Callable[..., Any], *args: Any) -> Any:
-    """``step(*args)``; if it fails while the blocks are compiled (no C++ compiler, an inductor error), once more
-    in eager mode, after one warning. A failure in eager mode is the caller's."""
-    if not fused.active:
-        return step(*args)
-    try:
-        return step(*args)
-    except Exception as e:  # noqa: BLE001 - any compile-side failure: the eager path is the reference anyway
-        import warnings
-
-        fused.off()
-        warnings.warn(
-            f"torch.compile of the norm/MLP blocks failed ({type(e).__name__}: {str(e).strip()[:200]}); "
-            "scoring in eager mode",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return step(*args)
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -566,18 +489,17 @@ def score_choices(
     mine: dict[tuple[int, int], float] = {}
     bar = tqdm(total=sum(len(b) for _, _, batches in plans for b in batches), desc=desc, disable=not progress)
     batch_no = 0  # counts batches over all groups: batch b goes to rank b mod world
-    tokens = sum(len(prefix) + sum(len(r.ids) for b in batches for r in b) for _, prefix, batches in plans)
     try:
-        with torch.inference_mode(), _native_gqa_sdpa(device), _compiled_blocks(model, device, tokens) as fused:
+        with torch.inference_mode(), _native_gqa_sdpa(device):
             for idx, prefix, batches in plans:
                 owned = [b for bi, b in enumerate(batches, start=batch_no) if distributed.mine(bi)]
                 batch_no += len(batches)
                 bar.update(sum(len(b) for b in batches) - sum(len(b) for b in owned))
                 if not owned:
                     continue  # other ranks score this group: skip its prefix forward too
-                scorer = _compiled_or_eager(fused, _PrefixScorer, model, prefix, device, pad_id)
+                scorer = _PrefixScorer(model, prefix, device, pad_id)
                 for batch in owned:
-                    for (qi, ci), v in _compiled_or_eager(fused, scorer.score, batch).items():
+                    for (qi, ci), v in scorer.score(batch).items():
                         mine[(idx[qi], ci)] = v
                     bar.update(len(batch))
     finally:
