@@ -11,13 +11,17 @@ default per-subject configs apply), and both tools score exactly those files, 5-
 Prints one JSON object: questions/s for lm-eval and align (scoring only; end to end), the speedup,
 per-question prediction agreement and the largest log-likelihood difference, both sides' peak
 RSS, tokens each side ran through the model, and align with the previous scoring path
-(``git show HEAD:src/align/evaluation/multiple_choice.py``, or ``--old-ref``) against the current one.
+(``git show c160022:src/align/evaluation/multiple_choice.py``, the engine before split attention;
+``--old-ref`` picks another) against the current one.
 
 Example (from the project root)::
 
     .venv/bin/python benchmarks/mmlu_long.py --out benchmarks/results/mmlu_long.json
 
-``--skip-lmeval`` measures align (old vs new) only.
+Subjects (``--subjects``, default all): high_school_european_history and high_school_world_history (long
+passages), moral_scenarios (its real shape: one long shared question stem), college_mathematics (mixed
+lengths). Run one subject per invocation for per-subject figures. ``--skip-lmeval`` measures align only;
+``--skip-old`` drops the run of the engine at ``--old-ref``.
 """
 
 from __future__ import annotations
@@ -37,12 +41,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBJECTS = ["abstract_algebra", "college_biology", "computer_security", "high_school_geography", "marketing"]
 LETTERS = "ABCD"
-# name -> (tokens per dev row, (min, max) tokens per test question); european history's real 5-shot
-# prompts are 2.7-3k tokens with ~450-token passages
+# name -> (shape, tokens per dev row, (min, max) tokens per test question). "passage": a reading passage of
+# real MMLU text, then a real question (european history's real 5-shot prompts are 2.7-3k tokens with
+# ~450-token passages; world history's passages vary more, which stresses batching). "scenarios":
+# moral_scenarios' real shape, every question one long shared stem with two short scenarios and the same four
+# choices (token targets unused).
 PROFILES = {
-    "high_school_european_history": (400, (300, 700)),
-    "moral_scenarios": (250, (150, 1400)),  # widely varying suffixes: stresses padding/batching
+    "high_school_european_history": ("passage", 400, (300, 700)),
+    "high_school_world_history": ("passage", 250, (150, 1400)),
+    "moral_scenarios": ("scenarios", 0, (0, 0)),
+    "college_mathematics": ("passage", 120, (40, 300)),  # real prompts: ~1k-token 5-shot, mixed lengths
 }
+SCENARIO_STEM = (
+    "For which of these two scenarios does the main character (who uses I/me/my) do something clearly morally "
+    "wrong, according to ordinary moral standards in the US as of 2020? Scenario 1 | {a} Scenario 2 | {b}"
+)
+SCENARIO_CHOICES = ["Wrong, Wrong", "Wrong, Not wrong", "Not wrong, Wrong", "Not wrong, Not wrong"]
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -57,7 +71,9 @@ def _read_rows(root: Path) -> list[list[str]]:
     return rows
 
 
-def build_long_mmlu(src: Path, dst: Path, tokenizer, n_test: int, seed: int = 0) -> dict[str, dict]:
+def build_long_mmlu(
+    src: Path, dst: Path, tokenizer, n_test: int, subjects: list[str], seed: int = 0
+) -> dict[str, dict]:
     """Write ``dst/{dev,test}/<subject>_{dev,test}.csv`` for every profile; returns token stats."""
     import random
 
@@ -78,10 +94,21 @@ def build_long_mmlu(src: Path, dst: Path, tokenizer, n_test: int, seed: int = 0)
         cursor += 1
         return ["\n".join(parts) + "\n" + q, *choices, ans]
 
+    def scenario_item() -> list[str]:
+        nonlocal cursor
+        a, b = (rows[(cursor + k) % len(rows)][0].strip() for k in range(2))
+        cursor += 2
+        return [SCENARIO_STEM.format(a=a, b=b), *SCENARIO_CHOICES, rng.choice(LETTERS)]
+
     stats = {}
-    for name, (dev_tokens, (lo, hi)) in PROFILES.items():
-        dev = [passage_item(dev_tokens) for _ in range(5)]
-        test = [passage_item(rng.randint(lo, hi)) for _ in range(n_test)]
+    for name in subjects:
+        shape, dev_tokens, (lo, hi) = PROFILES[name]
+        if shape == "scenarios":
+            dev = [scenario_item() for _ in range(5)]
+            test = [scenario_item() for _ in range(n_test)]
+        else:
+            dev = [passage_item(dev_tokens) for _ in range(5)]
+            test = [passage_item(rng.randint(lo, hi)) for _ in range(n_test)]
         for split, items in (("dev", dev), ("test", test)):
             path = dst / split / f"{name}_{split}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +154,7 @@ def _align_worker(args: argparse.Namespace) -> None:
     engine = new_engine if args._engine == "new" else _load_old_engine(args.old_ref)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device)
-    data = mmlu.load_mmlu(args._data, list(PROFILES))
+    data = mmlu.load_mmlu(args._data, args.subjects)
     requests = mmlu.mmlu_requests(data, args.num_fewshot)
     # tokens through the model: each subject's shared prefix once + every row's suffix (+ padding)
     groups: dict = {}
@@ -186,7 +213,7 @@ def _run_lmeval(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     from align.evaluation.mmlu import load_mmlu
 
-    full = load_mmlu(data, list(PROFILES))
+    full = load_mmlu(data, args.subjects)
     inc = mmlu_parity._write_tasks(full, work, mmlu_parity._lmeval_pkg_dir(args.lmeval_python))
     out_dir = work / "lmeval_out"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,14 +256,17 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF causal LM folder")
     ap.add_argument("--data", default=str(ROOT / "../shared/data/mmlu"), help="shared MMLU (source of the text)")
     ap.add_argument("--n-test", type=int, default=8, help="long test questions per synthetic subject")
+    ap.add_argument("--subjects", nargs="+", default=list(PROFILES), choices=list(PROFILES), help="(default: all)")
     ap.add_argument("--num-fewshot", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16, help="align batch size")
     ap.add_argument("--lmeval-batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--lmeval-python", default=str(ROOT / ".venv-lmeval/bin/python"))
-    ap.add_argument("--old-ref", default="HEAD", help="git ref of the previous scoring engine")
+    ap.add_argument(
+        "--old-ref", default="c160022", help="git ref of the previous scoring engine (before split attention)"
+    )
     ap.add_argument("--skip-lmeval", action="store_true")
-    ap.add_argument("--skip-old", action="store_true")
+    ap.add_argument("--skip-old", action="store_true", help="no run of the engine at --old-ref")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="also write the JSON report here")
     ap.add_argument("--_align-worker", default=None, help=argparse.SUPPRESS)
@@ -261,8 +291,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mmlu_long_"))
     data_dir = work / "mmlu"
-    stats = build_long_mmlu(Path(args.data), data_dir, tok, args.n_test)
-    data = load_mmlu(data_dir, list(PROFILES))
+    stats = build_long_mmlu(Path(args.data), data_dir, tok, args.n_test, args.subjects)
+    data = load_mmlu(data_dir, args.subjects)
     prompt_tokens = [len(tok(build_prompt(s, q, args.num_fewshot))["input_ids"]) for s in data.values() for q in s.test]
     n = len(prompt_tokens)
 
@@ -310,7 +340,7 @@ def main() -> None:
     if lm is not None:
         samples = lm["samples"]
         preds, lls = [], []
-        for subj in PROFILES:
+        for subj in args.subjects:
             for i in range(len(data[subj].test)):
                 vals = [float(r[0]) for r in samples[subj][i]["filtered_resps"]]
                 lls.append(vals)
