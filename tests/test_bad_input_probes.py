@@ -248,6 +248,11 @@ CASES: list[tuple[str, Build, list[str]]] = [
     ("eval-targets-unknown", stage(1, targets=["base", "sfft"]), ["stages[1](ppl).targets"]),
     ("stages-empty", recipe(lambda r, t: r.update(stages=[])), ["stages"]),
     ("data-empty-list", stage(0, data=[]), [f"{S}.data", "names no dataset"]),
+    (
+        "dataset-path-empty",
+        recipe(lambda r, t: r["datasets"][next(iter(r["datasets"]))].update(path="")),
+        [".path", "at least 1 character"],
+    ),
     ("data-empty-mapping", stage(0, data={}), [f"{S}.data", "names no dataset"]),
     ("data-a-number", stage(0, data=5), [f"{S}.data: must be a name (string) or a list of names", "(got 5)"]),
     ("model-empty-mapping", recipe(lambda r, t: r.update(model={})), ["model.name_or_path"]),

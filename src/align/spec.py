@@ -38,7 +38,7 @@ class ModelSpec(Strict):
 class DatasetSpec(Strict):
     """One named dataset: a local file/folder (json, jsonl, csv, parquet) or a hub id."""
 
-    path: str
+    path: str = Field(min_length=1, pattern=r"\S", description="a local file or folder, or a hub dataset id")
     format: DataFormat = "auto"
     split: str = "train"
     subset: str | None = Field(None, description="hub dataset configuration name")
