@@ -257,6 +257,10 @@ DATA_CASES = {
     "int-instruction": (data("train.jsonl", lines([{**r, "instruction": 5} for r in GOOD])), "`instruction`"),
     "list-output-mixed-kinds": (data("train.jsonl", lines(GOOD[:3] + [{**GOOD[0], "output": ["x"]}])), "`output`"),
     "messages-no-role": (data("m.jsonl", lines([{"messages": [{"content": "hi"}, MSG[1]]}] * 4)), "role"),
+    "messages-role-typo": (
+        data("m.jsonl", lines([{"messages": [{"role": "usr", "content": "hi"}, MSG[1]]}] * 4)),
+        "role `usr` (did you mean `user`?)",
+    ),
     "messages-no-content": (data("m.jsonl", lines([{"messages": [MSG[0], {"role": "assistant"}]}] * 4)), "content"),
     "messages-int-content": (
         data("m.jsonl", lines([{"messages": MSG}] * 3 + [{"messages": [MSG[0], {"role": "assistant", "content": 5}]}])),

@@ -197,7 +197,7 @@ def dataset_identity(spec: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- full-file checks (plan time, cached)
 
-SCAN_VERSION = 2  # bump when the checks change: cached results of older checks are then ignored
+SCAN_VERSION = 3  # bump when the checks change: cached results of older checks are then ignored
 DROP_LIMIT = 0.10  # more than this share of unusable rows is refused (below it, they are dropped with a warning)
 SHOW = 5  # offending rows named in a message
 # what the columns a format uses must hold: text (a string) or turns (a string or a list of messages)
@@ -388,7 +388,17 @@ def message_problem(v: Any) -> str | None:
                 return f"its message {i} has no `{key}`"
             if not isinstance(m[key], str):
                 return f"its message {i} has a {_kind(m[key])} `{key}`, not a string"
+        if m["role"] not in CHAT_ROLES:  # a typo ("usr") renders as a turn of its own and trains on it silently
+            from align.errors import did_you_mean
+
+            return (
+                f"its message {i} has role `{m['role']}`{did_you_mean(m['role'], CHAT_ROLES)}; chat templates "
+                f"know {', '.join(CHAT_ROLES)}"
+            )
     return None
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 def type_problem(col: str, v: Any) -> str | None:
