@@ -137,7 +137,7 @@ def test_bleu_options_validated_listing_sacrebleus_values(tmp_path) -> None:
     for bad, field in [("lowercase: maybe", "lowercase"), ("effective_order: 3", "effective_order")]:
         with pytest.raises(TaskSpecError, match=field):
             load_task(_task_file(tmp_path, f"{{name: bleu, {bad}}}", ["x"]))
-    with pytest.raises(TaskSpecError, match=r"metric\.list\.1\.chrf\+\+\.word_order"):  # chrf++ *is* word_order 2
+    with pytest.raises(TaskSpecError, match=r"metric\.1\.chrf\+\+\.word_order"):  # chrf++ *is* word_order 2
         load_task(_task_file(tmp_path, "[{name: bleu}, {name: chrf++, word_order: 2}]", ["x"]))
     with pytest.raises(TaskSpecError, match="listed once"):
         load_task(_task_file(tmp_path, "[{name: chrf}, {name: chrf}]", ["x"]))

@@ -36,9 +36,13 @@ def test_typo_key_rejected_naming_it(tmp_path) -> None:
     bad.write_text(GEN.replace("input_field", "imput_field"))
     with pytest.raises(TaskSpecError, match="imput_field") as e:
         load_task(bad)
-    assert "bad.yaml" in str(e.value) and "Extra inputs are not permitted" in str(e.value)
+    assert "bad.yaml" in str(e.value) and "data.imput_field: unknown key (did you mean `input_field`?)" in str(e.value)
+    assert "\n" not in str(e.value)  # one line, no pydantic dump
     bad.write_text(GEN + "limt: 3\n")
-    with pytest.raises(TaskSpecError, match="limt"):
+    with pytest.raises(TaskSpecError, match="limt: unknown key .did you mean `limit`"):
+        load_task(bad)
+    bad.write_text(GEN + "max_new_tokens: 8\n")  # valid, but under `generation:`
+    with pytest.raises(TaskSpecError, match="max_new_tokens: unknown key .it goes under `generation:`"):
         load_task(bad)
     bad.write_text(GEN.replace("{name: bleu}", "{name: bleu, rouge_types: [rouge1]}"))
     with pytest.raises(TaskSpecError, match="rouge_types"):

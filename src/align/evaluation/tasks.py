@@ -61,6 +61,7 @@ import functools
 import json
 import re
 import string
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -435,6 +436,50 @@ def _data_root(relative: str) -> Path:
     return data_root(relative)
 
 
+def _why(err: Any) -> str:
+    """A validation error's message; an unknown key gets a did-you-mean over the keys valid where it stands,
+    or where it belongs when it is valid elsewhere in a task file."""
+    loc = [x for x in err.get("loc", ()) if x not in ("one", "list") and not isinstance(x, int)]
+    if err.get("type") != "extra_forbidden" or not loc:
+        return err["msg"]
+    from align.errors import did_you_mean
+
+    key, models = str(loc[-1]), [TaskSpec]
+    for part in loc[:-1]:
+        inner = [m for c in models if part in c.model_fields for m in _models_in(c.model_fields[part].annotation)]
+        tagged = [c for c in models if part in typing.get_args(getattr(c.model_fields.get("name"), "annotation", None))]
+        models = inner or tagged or models
+    here = {f.alias or n for m in models for n, f in m.model_fields.items()}
+    hint = "" if key in here else did_you_mean(key, here)
+    if not hint and key not in here:
+        homes = sorted(".".join(path) for path in _key_paths(TaskSpec, ()) if path[-1] == key and len(path) > 1)
+        hint = f" (it goes under `{homes[0].rsplit('.', 1)[0]}:`)" if homes else ""
+    return f"unknown key{hint}"
+
+
+def _models_in(annotation: Any) -> list[Any]:
+    """The pydantic models an annotation names (through unions, lists and Annotated)."""
+    out, stack = [], [annotation]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            out.append(t)
+        stack += list(typing.get_args(t))
+    return out
+
+
+def _key_paths(model: Any, prefix: tuple[str, ...], depth: int = 0) -> list[tuple[str, ...]]:
+    """Every key path of a task spec (nested models followed a few levels deep)."""
+    paths = []
+    for name, field in model.model_fields.items():
+        path = (*prefix, field.alias or name)
+        paths.append(path)
+        if depth < 3:
+            for m in _models_in(field.annotation):
+                paths += _key_paths(m, path, depth + 1)
+    return paths
+
+
 class TaskSpecError(ValueError):
     """A task YAML that does not match the schema; the message names file and fields."""
 
@@ -483,10 +528,12 @@ def load_task(path_or_name: str | Path, tasks_dir: str | Path | None = None) -> 
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0] if e.errors() else None
-        where = ".".join(str(x) for x in first["loc"]) if first and first.get("loc") else ""
-        head = f"{where}: {first['msg']}" if first else "invalid"
-        raise TaskSpecError(f"{path}: invalid task spec ({head})\n{e}") from e
+        # every error on one line, by field (the metric union's internal tags `one`/`list` left out of the path)
+        parts = [
+            f"{'.'.join(str(x) for x in err.get('loc', ()) if x not in ('one', 'list')) or 'task'}: {_why(err)}"
+            for err in e.errors()
+        ]
+        raise TaskSpecError(f"{path}: invalid task spec ({'; '.join(parts) or 'invalid'})") from e
     _data_beside_task_file(spec, path)
     check_task_data(spec, path)
     return spec
