@@ -185,7 +185,7 @@ def test_unwritable_run_folder_fails_before_training(tmp_path, tiny_llama):
     blocker.write_text("x")
     recipe["output_dir"] = str(blocker / "runs")
     res = align("run", str(write_recipe(tmp_path, recipe)))
-    assert res.returncode == 2 and "cannot write the run folder" in res.stderr
+    assert res.returncode == 2 and "output_dir:" in res.stderr and "is a file, so the run folder" in res.stderr
     assert "sft: running" not in res.stdout
 
 
