@@ -168,3 +168,26 @@ def plan_in_process(path: Path, capsys) -> tuple[int, str]:
     rc = main(["plan", str(path)])
     cap = capsys.readouterr()
     return rc, cap.out + cap.err
+
+
+SHARED_MMLU = ROOT.parent / "shared" / "data" / "mmlu"
+MMLU_SUBJECTS = ["abstract_algebra", "college_biology", "computer_security", "high_school_geography", "marketing"]
+
+
+@pytest.fixture
+def mmlu_cwd(tmp_path, monkeypatch) -> Path:
+    """Where to run a shipped recipe from so that its `mmlu_shared5` task finds `../shared/data/mmlu`: the project
+    root when the shared data sits beside it; elsewhere (a clone without it) a folder whose `../shared/data/mmlu`
+    is a tiny stand-in in the release format (5 dev + 2 test rows per subject), made the current folder."""
+    if SHARED_MMLU.is_dir():
+        return ROOT
+    data = tmp_path / "shared" / "data" / "mmlu"
+    for split, n in (("dev", 5), ("test", 2)):
+        (data / split).mkdir(parents=True)
+        for s in MMLU_SUBJECTS:
+            rows = [f'"{s} question {i}?",one,two,three,four,{"ABCD"[i % 4]}' for i in range(n)]
+            (data / split / f"{s}_{split}.csv").write_text("\n".join(rows) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work

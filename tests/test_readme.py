@@ -24,11 +24,12 @@ def test_the_two_commands_come_first_and_exist():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_plan_commands_run(tmp_path):
+def test_readme_plan_commands_run(tmp_path, mmlu_cwd):
     plans = [c for c in readme_commands() if c.startswith("align plan")]
     assert plans
     for cmd in plans:
-        res = align(*shlex.split(cmd)[1:], f"output_dir={tmp_path}", cwd=ROOT)
+        args = [str(ROOT / a) if a.startswith("recipes/") else a for a in shlex.split(cmd)[1:]]
+        res = align(*args, f"output_dir={tmp_path}", cwd=mmlu_cwd)
         assert res.returncode == 0, res.stderr
 
 

@@ -21,7 +21,7 @@ def test_recipes_exist():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
-def test_every_shipped_recipe_plans(path, capsys, tmp_path):
+def test_every_shipped_recipe_plans(path, capsys, tmp_path, mmlu_cwd):
     text = path.read_text()
     assert text.startswith("#") and "Launch:" in text, "recipes start with a purpose comment and a launch command"
     code = main(["plan", str(path), f"output_dir={tmp_path}"])
