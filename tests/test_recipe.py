@@ -24,6 +24,8 @@ def test_recipes_exist():
 def test_every_shipped_recipe_plans(path, capsys, tmp_path, mmlu_cwd):
     text = path.read_text()
     assert text.startswith("#") and "Launch:" in text, "recipes start with a purpose comment and a launch command"
+    if "shared/data/" in text and not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("trains on ../shared/data, which is not beside this clone")
     code = main(["plan", str(path), f"output_dir={tmp_path}"])
     out = capsys.readouterr()
     assert code == 0, out.err
