@@ -251,15 +251,15 @@ def test_ppo_with_two_processes(tmp_path, tiny_llama):
     assert m["distributed_type"] == "MULTI_CPU"
 
 
-def test_ten_fresh_two_process_starts_in_a_row(tmp_path, tiny_llama):
+def test_six_fresh_two_process_starts_in_a_row(tmp_path, tiny_llama):
     """Rank 0 alone re-creates the partial folder while the others wait: no FileExistsError/FileNotFoundError
-    race (it crashed 17 of ~38 fresh starts before)."""
+    race (it crashed 17 of ~38 fresh starts before: six starts in a row would all pass with it ~3% of the time)."""
     from conftest import sft_recipe
 
     recipe = sft_recipe(tmp_path, tiny_llama, train={**TRAIN, "max_steps": 1})
     recipe["stages"] = recipe["stages"][:1]
     path = write_recipe(tmp_path, recipe)
-    for i in range(10):
+    for i in range(6):
         res = align("run", str(path), "--force", "sft", "--accelerate-config", CONFIG, "--num-processes", "2")
         assert res.returncode == 0, f"start {i}: " + res.stderr[-3000:]
         info = json.loads((tmp_path / "runs" / "tiny" / "sft" / "stage.json").read_text())
