@@ -227,3 +227,97 @@ def test_argmax_and_length_normalisation() -> None:
     assert length_normalized([-4.0, -3.0], [4, 1]) == [-1.0, -3.0]
     assert argmax(length_normalized([-4.0, -3.0], [4, 1])) == 0
     assert length_normalized([-1.0], [0]) == [float("-inf")]
+
+
+# --------------------------------------------------------------------------- shared segments (clusters)
+
+PASSAGES = [
+    "Read the passage. The sum of 12 and 7 is 19, and 3 meters are 300 centimeters; a student wrote both "
+    "results on the board and spelled apple letter by letter for the class. ",
+    "Another passage. Convert 7 meters to centimeters and add the two numbers twice, then write the sum of "
+    "2 and 5 and the word apple on a new line of the page. ",
+    "A third passage: 12 and 7, 3 meters, 700 centimeters, and the letters A P P L E in order on the board. ",
+]
+
+
+def _row(ids, cont_len=1):
+    return multiple_choice._Row(list(ids), [(0, 0, [0] * cont_len)])
+
+
+def test_plan_clusters_takes_shared_runs_that_save_tokens() -> None:
+    """Rows that share >= 32 leading tokens form one cluster; a neighbour sharing fewer tokens than the
+    cluster would lose is left alone (nested case); the scored positions always stay in the row."""
+    from align.evaluation.multiple_choice import _plan_clusters
+
+    rows = [
+        _row([1] * 50 + [2, 3]),  # 0 \ 50 shared
+        _row([1] * 50 + [4, 5]),  # 1 /
+        _row([1] * 10 + [9] * 40),  # 2: 10 shared with 0/1: below the threshold
+        _row([5] * 100 + [1]),  # 3 \ 100 shared
+        _row([5] * 100 + [2]),  # 4 /
+        _row([5] * 40 + [6] * 60),  # 5: 40 shared with 3/4: 2 x 40 saves less than 100
+        _row([8] * 40),  # 6 \ identical rows: cap = len - 1
+        _row([8] * 40),  # 7 /
+        _row([7] * 45 + [1, 2, 3, 4, 5], cont_len=5),  # 8 \ multi-token target: cap = len - 5
+        _row([7] * 45 + [1, 2, 3, 4, 6], cont_len=5),  # 9 /
+    ]
+    clusters = _plan_clusters(rows)
+    assert sorted(sorted(c) for c in clusters) == [[0, 1], [3, 4], [6, 7], [8, 9]]
+    assert [r.skip for r in rows] == [50, 50, 0, 100, 100, 0, 39, 39, 45, 45]
+    assert rows[2].cluster is None and rows[5].cluster is None
+    assert rows[0].cluster == rows[1].cluster != rows[3].cluster
+
+
+@pytest.mark.parametrize("batch_size", [3, 16])
+def test_shared_passages_run_once_and_equal_full_forward(lm, batch_size, monkeypatch) -> None:
+    """MMLU history shape: several questions on one reading passage (and a cloze-style request whose
+    choice rows share the whole question). Each passage after the shared few-shot block is run once
+    (one segment forward per cluster, also when its rows span batches), the packed path never falls
+    back, and every score equals a full uncached forward."""
+    model, tok = lm
+    from align.evaluation.multiple_choice import _plan_clusters
+
+    prefix = SHOTS * 2
+    layout = [(0, QUESTIONS[0]), (1, QUESTIONS[1]), (0, QUESTIONS[2]), (2, QUESTIONS[3]), (1, QUESTIONS[3])]
+    layout += [(0, QUESTIONS[3]), (1, QUESTIONS[0])]
+    reqs = [ChoiceRequest(prefix + PASSAGES[p] + q, (" A", " B", " C"), group="g") for p, q in layout]
+    reqs.append(ChoiceRequest(prefix + PASSAGES[2] + "Spell it:", (" A-P-P-L-E", " 700 centimeters.", " 19"), "g"))
+    enc = encode_pairs(tok, [r.context for r in reqs], [r.continuations for r in reqs])
+    _, rows, _ = _plan_rows(enc)
+    clusters = _plan_clusters(rows)
+    # one cluster per passage, holding every row of every request on it (passage 2: its question and
+    # the cloze request, whose multi-token choices are a row each)
+    passage_of = [p for p, _ in layout] + [2]
+    by_passage = {p: sorted(k for k, r in enumerate(rows) if passage_of[r.targets[0][0]] == p) for p in range(3)}
+    assert sorted(sorted(c) for c in clusters) == sorted(by_passage.values())
+    assert all(r.skip >= 32 for r in rows)
+
+    segment_forwards = []
+    real_forward = multiple_choice._PrefixScorer._forward_split
+
+    def spy(self, runs, keep_idx, state):
+        if state.capture is not None:
+            segment_forwards.append(len(runs[0][0]))
+        return real_forward(self, runs, keep_idx, state)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the padded fallback ran")
+
+    monkeypatch.setattr(multiple_choice._PrefixScorer, "_forward_split", spy)
+    monkeypatch.setattr(multiple_choice._PrefixScorer, "_logprobs_padded", no_fallback)
+    got = score_choices(model, tok, reqs, batch_size=batch_size, progress=False)
+    assert len(segment_forwards) == len(clusters)
+    for r, s in zip(reqs, got, strict=True):
+        ref = [full_forward(model, tok, r.context, c) for c in r.continuations]
+        assert s.loglikelihoods == pytest.approx([ll for ll, _ in ref], abs=1e-4)
+        assert s.num_tokens == tuple(n for _, n in ref)
+
+    # the padded path (no clusters) gives the same numbers
+    monkeypatch.setattr(multiple_choice, "_USE_SPLIT", False)
+    monkeypatch.setattr(multiple_choice._PrefixScorer, "_logprobs_padded", real_padded)
+    plain = score_choices(model, tok, reqs, batch_size=batch_size, progress=False)
+    for a, b in zip(got, plain, strict=True):
+        assert a.loglikelihoods == pytest.approx(b.loglikelihoods, abs=1e-4)
+
+
+real_padded = multiple_choice._PrefixScorer._logprobs_padded

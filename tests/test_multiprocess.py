@@ -268,22 +268,42 @@ def test_six_fresh_two_process_starts_in_a_row(tmp_path, tiny_llama):
 
 def test_eval_sharded_over_two_processes_equals_one_process(tmp_path, tiny_llama):
     """MMLU-style multiple choice, generation-free perplexity: batches split across 2 ranks, gathered; the
-    figures equal a one-process run's (same batches, one summation order)."""
+    figures equal a one-process run's (same batches, one summation order). Test questions come three to a
+    reading passage, so shared passage segments (run once per cluster) span batches of both ranks."""
     import csv
 
     from conftest import sft_recipe
 
+    passage = "Passage {k}: the numbers below were written on the board by student {k} in the morning, " * 2
     for split, n in (("test", 10), ("dev", 2)):
         (tmp_path / "mmlu" / split).mkdir(parents=True)
         with (tmp_path / "mmlu" / split / f"toy_{split}.csv").open("w", newline="") as fh:
             csv.writer(fh).writerows(
-                [[f"What is {i} + 1?", str(i), str(i + 1), str(i + 2), str(i + 3), "B"] for i in range(n)]
+                [
+                    [
+                        passage.format(k=i // 3) * (split == "test") + f"What is {i} + 1?",
+                        *map(str, range(i, i + 4)),
+                        "B",
+                    ]
+                    for i in range(n)
+                ]
             )
     task = tmp_path / "toy_mmlu.yaml"
     task.write_text(
         f"name: toy_mmlu\nversion: 1\ntype: mmlu\ndata: {{path: {tmp_path / 'mmlu'}, format: mmlu_csv}}\n"
         "mmlu: {num_fewshot: 2}\nbatch_size: 2\n"
     )
+    from transformers import AutoTokenizer
+
+    from align.evaluation import mmlu, multiple_choice
+
+    reqs = mmlu.mmlu_requests(mmlu.load_mmlu(tmp_path / "mmlu"), 2)
+    enc = multiple_choice.encode_pairs(
+        AutoTokenizer.from_pretrained(tiny_llama), [r.context for r in reqs], [r.continuations for r in reqs]
+    )
+    clusters = multiple_choice._plan_clusters(multiple_choice._plan_rows(enc)[1])
+    # passages 0-2 hold three questions, passage 3 one; the tiny tokenizer splits " A", so each choice is a row
+    assert sorted(map(len, clusters)) == [4, 12, 12, 12]
     recipe = sft_recipe(tmp_path, tiny_llama)
     tasks = [{"task": str(task)}, {"data": "train", "max_samples": 20}]
     two = {"mode": "accelerate", "accelerate_config": CONFIG, "num_processes": 2}

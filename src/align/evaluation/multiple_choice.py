@@ -21,6 +21,12 @@ scores them all from the last position's logits; otherwise each continuation get
 Rows are batched longest-first with bounded padding. The group only decides what is cached: the
 scores do not depend on it beyond float rounding (a request in the "wrong" group is just slower).
 
+Second cache level (packed path): rows whose suffixes start with the same >= 32 tokens form a
+cluster (:func:`_plan_clusters`), whose shared segment is run once, after the prefix, and attended
+to from its KV. Real MMLU history subjects put 2-5 questions on one reading passage (european
+history: 165 questions on 60 passages), and a cloze request's choice rows share the whole question,
+so this removes about half the tokens the one-level cache still ran there.
+
 Long prompts (CPU, SDPA models): a batch's rows are packed into one unpadded sequence, and
 attention is split in two exact parts whose softmaxes are merged by their log-sum-exp: every
 query of the batch against the shared prefix KV at once (one unmasked kernel call, prefix never
@@ -42,7 +48,7 @@ import os
 import threading
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -153,10 +159,19 @@ def encode_pairs(
 @dataclass
 class _Row:
     """One forward row: ``ids`` after the cached prefix; each target ``(request, choice, cont)``
-    is scored on the last ``len(cont)`` positions of the row."""
+    is scored on the last ``len(cont)`` positions of the row. ``cluster``/``skip``: the row's first
+    ``skip`` ids are the shared segment of cluster ``cluster`` (see :func:`_plan_clusters`), which
+    the split path runs once for the whole cluster; the padded path runs ``ids`` whole."""
 
     ids: list[int]
     targets: list[tuple[int, int, list[int]]]
+    cluster: int | None = None
+    skip: int = 0
+
+    @property
+    def cap(self) -> int:
+        """Most leading ids a cluster may take: the scored positions must stay in the row."""
+        return len(self.ids) - max((len(c) for _, _, c in self.targets), default=1)
 
 
 def _plan_rows(
@@ -183,6 +198,53 @@ def _plan_rows(
             for ci, c in enumerate(conts):
                 rows.append(_Row((ctx + c)[common:-1], [(qi, ci, c)]))
     return prefix, rows, n_fast
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _plan_clusters(rows: Sequence[_Row], min_shared: int = 32) -> list[list[int]]:
+    """Second cache level: rows whose suffixes (after the group's prefix) start with the same
+    ``>= min_shared`` tokens (MMLU's history subjects put 2-5 questions on one reading passage;
+    a cloze question's rows share the whole question) form a cluster whose shared segment is run
+    once. Greedy over the rows sorted by ids: a run of neighbours is extended while the tokens it
+    saves, (size - 1) x common length, do not drop. Sets ``cluster``/``skip`` on the rows; returns
+    the clusters' shared segments (``rows[i].ids[:skip]``) by cluster index, as row indices."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].ids)
+    clusters: list[list[int]] = []
+    i = 0
+    while i < len(order):
+        run, shared = [order[i]], rows[order[i]].cap
+        for j in order[i + 1 :]:
+            common = min(shared, _common_len(rows[run[-1]].ids, rows[j].ids), rows[j].cap)
+            if common < min_shared or len(run) * common < (len(run) - 1) * shared:
+                break
+            run.append(j)
+            shared = common
+        if len(run) > 1:
+            for k in run:
+                rows[k].cluster, rows[k].skip = len(clusters), shared
+            clusters.append(run)
+        i += len(run)
+    return clusters
+
+
+def _cluster_batches(rows: Sequence[_Row], batch_size: int) -> list[list[_Row]]:
+    """Batches for the packed split path (no padding there): a cluster's rows stay next to each
+    other (its shared segment is run once per batch that holds them, so a cluster rarely spans
+    two), clusters and lone rows longest-first, at most ``batch_size`` rows per batch."""
+    units: dict[object, list[_Row]] = {}
+    for k, r in enumerate(rows):
+        units.setdefault(("c", r.cluster) if r.cluster is not None else ("r", k), []).append(r)
+    ordered = sorted(units.values(), key=lambda u: -max(len(r.ids) for r in u))
+    flat = [r for u in ordered for r in u]
+    return [flat[k : k + batch_size] for k in range(0, len(flat), batch_size)]
 
 
 def _length_batches(rows: Sequence[_Row], batch_size: int, max_padding: float) -> list[list[_Row]]:
@@ -240,11 +302,16 @@ _SPLIT_STATE = threading.local()  # .current: the _SplitBatch of the forward run
 @dataclass
 class _SplitBatch:
     """What the split attention needs besides q/k/v: the prefix KV per layer ([1, Hkv, P, D],
-    never copied) and the packed rows' boundaries; ``calls`` proves every layer came through."""
+    never copied) and the packed rows' boundaries; ``calls`` proves every layer came through.
+    ``segments``: packed query ranges ``(a, b)`` whose rows also follow a cluster's shared
+    segment, with that segment's KV per layer. ``capture``: when a list, each layer's packed
+    key/value are appended to it (how a segment's KV is made)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     bounds: list[tuple[int, int]]
     total_len: int
+    segments: list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     calls: int = 0
 
 
@@ -258,8 +325,9 @@ def _split_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """softmax over [prefix; own suffix] = two flash calls merged by log-sum-exp (exact up to
-    rounding). ``query``/``key``/``value``: [1, H(kv), N, D] for the packed rows of one batch."""
+    """softmax over [prefix; (cluster segment;) own suffix] = flash calls merged by log-sum-exp
+    (exact up to rounding). ``query``/``key``/``value``: [1, H(kv), N, D] for the packed rows of
+    one batch."""
     state: _SplitBatch | None = getattr(_SPLIT_STATE, "current", None)
     layer = getattr(module, "layer_idx", None)
     window = kwargs.get("sliding_window")
@@ -281,6 +349,16 @@ def _split_attention(
     pk, pv = state.kv[layer]
     # 1. every packed query against the shared prefix: one unmasked call, GQA handled natively
     out, lse = flash(query, pk, pv, 0.0, False, scale=scaling)  # [1, H, N, D], [1, H, N]
+    # 1b. rows after a cluster's shared segment: their queries against its KV, merged into part 1
+    for a, b, seg in state.segments:
+        sk, sv = seg[layer]
+        s_out, s_lse = flash(query[:, :, a:b], sk, sv, 0.0, False, scale=scaling)
+        p_lse = lse[:, :, a:b]
+        weight = torch.sigmoid(p_lse - s_lse).unsqueeze(-1).to(out.dtype)
+        out[:, :, a:b] = torch.lerp(s_out, out[:, :, a:b], weight)
+        lse[:, :, a:b] = torch.logaddexp(p_lse, s_lse)
+    if state.capture is not None:
+        state.capture.append((key, value))
     # 2. each row causally against its own suffix (q_len == kv_len: is_causal is exact)
     parts = [
         flash(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], 0.0, True, scale=scaling) for a, b in state.bounds
@@ -345,6 +423,40 @@ class _PrefixScorer:
                 out = model(**kwargs)
             self.kv = [(k, v) for k, v, *_ in out.past_key_values]
         self.use_split = _USE_SPLIT and bool(self.kv) and _split_available(model, device)
+        self.segments: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # cluster -> KV per layer
+
+    def release(self, clusters: Sequence[int]) -> None:
+        """Drop the KV of clusters no later batch needs."""
+        for c in clusters:
+            self.segments.pop(c, None)
+
+    def _forward_split(self, runs: Sequence[tuple[list[int], int]], keep_idx: list[int], state: _SplitBatch) -> Any:
+        """One packed forward of ``runs`` (ids, first position) with split attention."""
+        ids = torch.tensor([[t for r, _ in runs for t in r]], device=self.device)
+        pos = torch.cat([torch.arange(at, at + len(r)) for r, at in runs]).unsqueeze(0).to(self.device)
+        with _split_attention_on(self.model, state):
+            logits = self.model(
+                input_ids=ids,
+                position_ids=pos,
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep_idx, device=self.device),
+            ).logits
+        if state.calls != len(self.kv):  # some layer did not come through the split attention
+            raise _SplitUnsupported
+        return logits
+
+    def _ensure_segments(self, rows: Sequence[_Row]) -> None:
+        """Run the shared segments of the batch's clusters not yet cached (one forward each, after
+        the prefix: a segment's KV then depends on nothing else, so every rank and batch split
+        gets the same bits) and keep each one's KV per layer."""
+        p = self.prefix_len
+        for r in rows:
+            if r.cluster is None or r.cluster in self.segments:
+                continue
+            seg = r.ids[: r.skip]
+            state = _SplitBatch(self.kv, [(0, len(seg))], p + len(seg), capture=[])
+            self._forward_split([(seg, p)], [len(seg) - 1], state)
+            self.segments[r.cluster] = state.capture
 
     def _cache(self, batch: int) -> Any:
         data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv]
@@ -360,28 +472,25 @@ class _PrefixScorer:
         return self._logprobs_padded(rows)
 
     def _logprobs_split(self, rows: Sequence[_Row]) -> torch.Tensor:
-        """Rows packed into one unpadded sequence; logits only at each row's last ``keep`` positions."""
+        """Rows packed into one unpadded sequence (each without its cluster's shared segment,
+        which is attended to from its cached KV); logits only at each row's last ``keep`` positions."""
+        self._ensure_segments(rows)
         keep = max(len(c) for r in rows for _, _, c in r.targets)
         p = self.prefix_len
-        bounds, keep_idx, start = [], [], 0
+        bounds, keep_idx, segments, start = [], [], [], 0
         for r in rows:
-            n = len(r.ids)
+            n = len(r.ids) - r.skip
             bounds.append((start, start + n))
+            if r.cluster is not None:
+                if segments and segments[-1][2] is self.segments[r.cluster] and segments[-1][1] == start:
+                    segments[-1] = (segments[-1][0], start + n, segments[-1][2])
+                else:
+                    segments.append((start, start + n, self.segments[r.cluster]))
             # a row shorter than `keep` repeats its first position; those slots are never gathered
             keep_idx.extend(start + max(n - keep + j, 0) for j in range(keep))
             start += n
-        ids = torch.tensor([[t for r in rows for t in r.ids]], device=self.device)
-        pos = torch.cat([torch.arange(p, p + len(r.ids)) for r in rows]).unsqueeze(0).to(self.device)
-        state = _SplitBatch(self.kv, bounds, p + max(len(r.ids) for r in rows))
-        with _split_attention_on(self.model, state):
-            logits = self.model(
-                input_ids=ids,
-                position_ids=pos,
-                use_cache=False,
-                logits_to_keep=torch.tensor(keep_idx, device=self.device),
-            ).logits
-        if state.calls != len(self.kv):  # some layer did not come through the split attention
-            raise _SplitUnsupported
+        state = _SplitBatch(self.kv, bounds, p + max(len(r.ids) for r in rows), segments=segments)
+        logits = self._forward_split([(r.ids[r.skip :], p + r.skip) for r in rows], keep_idx, state)
         return torch.log_softmax(logits[0].float(), dim=-1).view(len(rows), keep, -1)
 
     def _logprobs_padded(self, rows: Sequence[_Row]) -> torch.Tensor:
@@ -466,6 +575,7 @@ def score_choices(
         return []
     device = torch.device(device) if device is not None else _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    split = _USE_SPLIT and _split_available(model, device)
 
     members: dict[Hashable, list[int]] = {}
     for i, r in enumerate(requests):
@@ -482,7 +592,12 @@ def score_choices(
         for i, (_, conts) in zip(idx, encoded, strict=True):
             token_counts[i] = tuple(len(c) for c in conts)
         prefix, rows, _ = _plan_rows(encoded)
-        plans.append((idx, prefix, _length_batches(rows, batch_size, max_padding)))
+        if split and prefix:  # packed rows: no padding to bound; shared segments run once
+            _plan_clusters(rows)
+            batches = _cluster_batches(rows, batch_size)
+        else:
+            batches = _length_batches(rows, batch_size, max_padding)
+        plans.append((idx, prefix, batches))
 
     was_training = getattr(model, "training", False)
     model.eval()
@@ -498,9 +613,11 @@ def score_choices(
                 if not owned:
                     continue  # other ranks score this group: skip its prefix forward too
                 scorer = _PrefixScorer(model, prefix, device, pad_id)
-                for batch in owned:
+                last = {r.cluster: k for k, b in enumerate(owned) for r in b if r.cluster is not None}
+                for k, batch in enumerate(owned):
                     for (qi, ci), v in scorer.score(batch).items():
                         mine[(idx[qi], ci)] = v
+                    scorer.release([c for c, at in last.items() if at == k])
                     bar.update(len(batch))
     finally:
         bar.close()
