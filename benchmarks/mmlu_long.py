@@ -260,7 +260,8 @@ def _run_align(args: argparse.Namespace, data: Path, engine: str, work: Path) ->
         str(data),
     ]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+    subprocess.run(cmd, check=True, env={**os.environ, **threads, "PYTHONPATH": str(ROOT / "src")})
     res = json.loads(out.read_text())
     res["total_seconds"] = time.perf_counter() - t0
     return res
@@ -287,7 +288,7 @@ def _run_lmeval(args: argparse.Namespace, data: Path, work: Path) -> dict:
         lmeval_batch_size=args.lmeval_batch_size,
         device=args.device,
         limit=None,
-        threads=None,
+        threads=args.threads,
     )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     timing = mmlu_parity._run_lmeval(ns, inc, out_dir)
@@ -328,6 +329,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="align batch size")
     ap.add_argument("--lmeval-batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for both tools (default: torch's)")
     ap.add_argument("--lmeval-python", default=str(ROOT / ".venv-lmeval/bin/python"))
     ap.add_argument(
         "--old-ref", default="c160022", help="git ref of the previous scoring engine (before split attention)"
