@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -152,6 +156,44 @@ def align(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess
     return subprocess.run(
         [sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
     )
+
+
+def run_then_kill(
+    cmd: Path | Sequence[str],
+    ready: Callable[[], bool],
+    *,
+    timeout: float = 300,
+    poll: float = 0.2,
+    linger: float = 120,
+) -> subprocess.Popen:
+    """Start `cmd` (a recipe path: `align run PATH`; or a full argv) in a session of its own, wait until `ready()`
+    holds (a checkpoint is on disk, say), the process exits, or `timeout` seconds pass, then SIGKILL its whole
+    process group: the orchestrator gets no chance to clean up. Its stage processes run in sessions of their own
+    and are not killed: they see the orchestrator gone at their next step and exit without finalizing (within
+    `linger` seconds, or this fails). This returns once they have, so what the caller inspects is what a re-run
+    finds (a checkpoint still being written when the group was killed is complete by then, or never will be).
+    Returns the reaped orchestrator; whether `ready()` held before the kill is for the caller to check."""
+    import psutil
+
+    argv = [sys.executable, "-m", "align", "run", str(cmd)] if isinstance(cmd, Path) else list(cmd)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stages: list[psutil.Process] = []
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(poll)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stages = psutil.Process(proc.pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already (it ended before `ready()`)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, left = psutil.wait_procs(stages, timeout=linger)
+        for p in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    assert not left, f"stage process(es) {[p.pid for p in left]} still ran {linger:.0f}s after the orchestrator died"
+    return proc
 
 
 @pytest.fixture

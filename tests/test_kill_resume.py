@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import align, write_recipe
+from conftest import align, run_then_kill, write_recipe
 from test_preference_stages import LORA, PY, chain_recipe
 
 # A reward whose completions differ within a group (TRL hands chat completions as message lists), so the
@@ -146,17 +146,7 @@ def test_kill_during_stage_then_resume_equals_uninterrupted(tmp_path, tiny_llama
             int(c.name.split("-")[1]) for c in ck_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()
         )
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "align", "run", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not any(s >= kill_at for s in kept()):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # orchestrator and stage process, no chance to clean up
-    proc.wait()
+    run_then_kill(path, lambda: any(s >= kill_at for s in kept()), poll=0.05)
     before_resume = kept()
     assert any(s >= kill_at for s in before_resume), f"no checkpoint-{kill_at} or later before the kill"
     assert not (tmp_path / "runs" / "chain" / kind / "stage.json").exists(), "the stage finished before the kill"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import align, sft_recipe, write_jsonl, write_recipe
+from conftest import align, run_then_kill, sft_recipe, write_jsonl, write_recipe
 
 SFT_FILES = {
     "stage.json",
@@ -124,17 +123,7 @@ def test_kill_during_sft_then_resume(tmp_path, tiny_llama):
     recipe["stages"][0]["train"].update(max_steps=60, save_steps=3)
     path = write_recipe(tmp_path, recipe)
     ck_dir = tmp_path / "runs" / "tiny" / ".partial" / "sft" / "checkpoints"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "align", "run", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not any((c / "trainer_state.json").is_file() for c in ck_dir.glob("checkpoint-*")):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # orchestrator and stage process, no chance to clean up
-    proc.wait()
+    run_then_kill(path, lambda: any((c / "trainer_state.json").is_file() for c in ck_dir.glob("checkpoint-*")))
     kept = sorted(int(c.name.split("-")[1]) for c in ck_dir.glob("checkpoint-*"))
     assert kept, "no checkpoint was written before the kill"
     assert not (tmp_path / "runs" / "tiny" / "sft" / "stage.json").exists()

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
-from conftest import align, write_recipe
+from conftest import align, run_then_kill, write_recipe
 from test_preference_stages import PY, REWARD, SFT, TRAIN, chain_recipe
 
 PPO_TRAIN = {
@@ -82,17 +77,7 @@ def test_kill_during_ppo_then_resume(tmp_path, tiny_llama) -> None:
     stage = {**PPO, "reward": "rewards:short_and_sum", "train": {**PPO_TRAIN, "max_steps": 40, "save_steps": 2}}
     path = write_recipe(tmp_path, chain_recipe(tmp_path, tiny_llama, [stage]))
     ck_dir = tmp_path / "runs" / "chain" / ".partial" / "ppo" / "checkpoints"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "align", "run", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not any((c / "trainer_state.json").is_file() for c in ck_dir.glob("checkpoint-*")):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_then_kill(path, lambda: any((c / "trainer_state.json").is_file() for c in ck_dir.glob("checkpoint-*")))
     kept = sorted(
         int(c.name.split("-")[1]) for c in ck_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()
     )
