@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -97,6 +98,68 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     GPT2LMHeadModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def rl_chain(tmp_path_factory, tiny_llama) -> tuple[Path, Path]:
+    """One real run of the whole tiny chain, shared read-only by test_preference_stages.py (reward model, DPO,
+    pinned first losses), test_ppo_stage.py (PPO in a chain, TensorBoard) and test_report_card.py (report, cards):
+    SFT (merged too) -> reward model -> DPO -> PPO (from DPO) -> eval of base, sft, dpo and ppo. The base model is
+    copied beside the runs, so that a copy of the whole project folder keeps the run's relative records. Returns
+    (project folder, recipe); the run is `project/runs/chain`. A test that changes a run works on a copy."""
+    import shutil
+
+    from test_ppo_stage import PPO, PPO_TRAIN
+    from test_preference_stages import DPO, REWARD, SFT, chain_recipe
+
+    tmp = tmp_path_factory.mktemp("chain")
+    base = tmp / "tiny-llama"
+    shutil.copytree(tiny_llama, base)
+    stages = [
+        {**SFT, "merge": True},
+        REWARD,
+        DPO,
+        {**PPO, "train": {**PPO_TRAIN, "report_to": "tensorboard"}},  # align's own loop logs to trackers too
+        {"name": "eval", "type": "eval", "targets": ["base", "sft", "dpo", "ppo"], "tasks": [{"data": "sft"}]},
+    ]
+    path = write_recipe(tmp, chain_recipe(tmp, base, stages))
+    res = align("run", str(path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp, path
+
+
+@pytest.fixture(scope="session")
+def adapters_run(tmp_path_factory, tiny_llama) -> Path:
+    """One real run of adapters, shared read-only by test_merge.py and test_hub.py: LoRA SFT (also merged), DoRA SFT
+    on the base, a LoRA SFT on top of the first one, a LoRA reward model, an eval stage. Returns the run folder."""
+    import copy
+
+    tmp = tmp_path_factory.mktemp("adapters")
+    recipe = sft_recipe(tmp, tiny_llama, merge=True)
+    sft, ppl = recipe["stages"]
+    sft["train"].update(max_steps=4, learning_rate=3e-2, save_steps=100)  # the adapters change the logits clearly
+    dora = copy.deepcopy(sft) | {
+        "name": "dora",
+        "from": "base",
+        "merge": False,
+        "adapter": {"type": "dora", "r": 4, "alpha": 8},
+    }
+    stacked = copy.deepcopy(sft) | {"name": "sft2", "from": "sft", "merge": False}
+    stacked["train"]["max_steps"] = 2
+    pairs = [
+        {"prompt": f"Add {i} and 7.", "chosen": f"The sum is {i + 7}.", "rejected": "A-P-P-L-E."} for i in range(24)
+    ]
+    write_jsonl(tmp / "pairs.jsonl", pairs)
+    recipe["datasets"]["pairs"] = {"path": str(tmp / "pairs.jsonl"), "eval_fraction": 0.25}
+    rm = {k: v for k, v in copy.deepcopy(sft).items() if k != "merge"} | {
+        "name": "rm",
+        "type": "reward",
+        "data": "pairs",
+    }
+    recipe["stages"] = [sft, dora, stacked, rm, ppl]
+    res = align("run", str(write_recipe(tmp, recipe)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp / "runs" / "tiny"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -210,6 +273,24 @@ def plan_in_process(path: Path, capsys) -> tuple[int, str]:
     rc = main(["plan", str(path)])
     cap = capsys.readouterr()
     return rc, cap.out + cap.err
+
+
+class InProcess(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def align_in_process(*args: str, capsys) -> InProcess:
+    """`align ARGS` through the CLI's main() in this process, read as `align()`'s result is. For the commands that
+    do not train (`plan`, mostly): a fresh process spends seconds importing torch and transformers each time, and
+    the exit codes of a real process are checked elsewhere (test_bad_input.py's subprocess tests)."""
+    from align.cli import main
+
+    capsys.readouterr()  # what the test printed before is not this command's
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return InProcess(rc, cap.out, cap.err)
 
 
 SHARED_MMLU = ROOT.parent / "shared" / "data" / "mmlu"

@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import align, sft_recipe, write_recipe
+from conftest import align, align_in_process, sft_recipe, write_recipe
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_disk_full_while_checkpointing_says_so_and_resumes(tmp_path, tiny_llama, small_disk):
+def test_disk_full_while_checkpointing_says_so_and_resumes(tmp_path, tiny_llama, small_disk, capsys):
     recipe = sft_recipe(tmp_path, tiny_llama)
     recipe["stages"] = recipe["stages"][:1]
     recipe["stages"][0]["train"].update(max_steps=60, save_steps=1, save_total_limit=1000)
@@ -34,7 +34,7 @@ def test_disk_full_while_checkpointing_says_so_and_resumes(tmp_path, tiny_llama,
     assert "the disk is full" in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "then run the same command again: it resumes from checkpoint-" in res.stderr
     said = res.stderr.split("it resumes from ")[1].split()[0]
-    assert "resumable" in align("plan", str(path)).stdout
+    assert "resumable" in align_in_process("plan", str(path), capsys=capsys).stdout
 
     subprocess.run(["mount", "-o", "remount,size=30m", str(small_disk)], check=True)
     again = align("run", str(path))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import align, sft_recipe, write_jsonl, write_recipe
+from conftest import sft_recipe, write_recipe
 from hubserver import FakeHub
 
 from align.errors import RecipeError
@@ -43,27 +42,10 @@ except AlignError as e:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_llama) -> Path:
-    """A real run: LoRA SFT with merge, LoRA SFT on top of it, a LoRA reward model, an eval stage."""
-    tmp = tmp_path_factory.mktemp("hub")
-    recipe = sft_recipe(tmp, tiny_llama, merge=True)
-    sft, ppl = recipe["stages"]
-    sft["train"].update(max_steps=2, save_steps=100)
-    sft2 = copy.deepcopy(sft) | {"name": "sft2", "from": "sft", "merge": False}
-    pairs = [
-        {"prompt": f"Add {i} and 7.", "chosen": f"The sum is {i + 7}.", "rejected": "A-P-P-L-E."} for i in range(24)
-    ]
-    write_jsonl(tmp / "pairs.jsonl", pairs)
-    recipe["datasets"]["pairs"] = {"path": str(tmp / "pairs.jsonl"), "eval_fraction": 0.25}
-    rm = {k: v for k, v in copy.deepcopy(sft).items() if k != "merge"} | {
-        "name": "rm",
-        "type": "reward",
-        "data": "pairs",
-    }
-    recipe["stages"] = [sft, sft2, rm, ppl]
-    res = align("run", str(write_recipe(tmp, recipe)))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return tmp / "runs" / "tiny"
+def run(adapters_run) -> Path:
+    """A real run (conftest.adapters_run, shared with test_merge.py): LoRA SFT with merge, DoRA SFT on the base, LoRA
+    SFT on top of the first, a LoRA reward model, an eval stage."""
+    return adapters_run
 
 
 def names(folder: Path) -> set[str]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, align, sft_recipe, write_recipe
+from conftest import ROOT, align_in_process, sft_recipe, write_recipe
 
 from align.launch import LaunchInfo, check_launch, global_batch, launch_command, read_launch
 from align.resources import accelerate_config_path, known_accelerate_configs, known_tasks
@@ -26,8 +26,8 @@ def test_every_shipped_config_reads():
     assert read_launch("auto", 2).config_name == "multi_cpu"  # several processes on a CPU machine
 
 
-def _plan(tmp_path, tiny_llama, *args: str):
-    return align("plan", str(write_recipe(tmp_path, sft_recipe(tmp_path, tiny_llama))), *args)
+def _plan(tmp_path, tiny_llama, capsys, *args: str):
+    return align_in_process("plan", str(write_recipe(tmp_path, sft_recipe(tmp_path, tiny_llama))), *args, capsys=capsys)
 
 
 @pytest.mark.parametrize(
@@ -40,27 +40,30 @@ def _plan(tmp_path, tiny_llama, *args: str):
         (["--num-processes", "0"], "--num-processes", "at least 1"),
     ],
 )
-def test_plan_rejects_bad_launches(tmp_path, tiny_llama, args, field, words):
-    res = _plan(tmp_path, tiny_llama, *args)
+def test_plan_rejects_bad_launches(tmp_path, tiny_llama, capsys, args, field, words):
+    res = _plan(tmp_path, tiny_llama, capsys, *args)
     assert res.returncode == 2, res.stdout + res.stderr
     assert field in res.stderr and words in res.stderr, res.stderr
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing was written
 
 
-def test_plan_rejects_a_deepspeed_batch_that_disagrees(tmp_path, tiny_llama):
+def test_plan_rejects_a_deepspeed_batch_that_disagrees(tmp_path, tiny_llama, capsys):
     cfg = tmp_path / "ds.yaml"
     cfg.write_text(
         "distributed_type: DEEPSPEED\nnum_processes: 2\nnum_machines: 1\nmixed_precision: 'no'\n"
         "deepspeed_config: {zero_stage: 2, train_batch_size: 16, train_micro_batch_size_per_gpu: 4}\n"
     )
-    res = _plan(tmp_path, tiny_llama, "--accelerate-config", str(cfg))  # sft_recipe: micro batch 4, accumulation 1
+    # sft_recipe: micro batch 4, accumulation 1
+    res = _plan(tmp_path, tiny_llama, capsys, "--accelerate-config", str(cfg))
     assert res.returncode == 2
     assert "train_batch_size=16" in res.stderr and "4 x accumulation 1 x 2 processes = 8" in res.stderr
-    ok = _plan(tmp_path, tiny_llama, "--accelerate-config", str(cfg), "stages.sft.train.gradient_accumulation_steps=2")
+    ok = _plan(
+        tmp_path, tiny_llama, capsys, "--accelerate-config", str(cfg), "stages.sft.train.gradient_accumulation_steps=2"
+    )
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("distributed_type: [oops\n")
-    res = _plan(tmp_path, tiny_llama, "--accelerate-config", str(bad))
+    res = _plan(tmp_path, tiny_llama, capsys, "--accelerate-config", str(bad))
     assert res.returncode == 2 and "not valid YAML" in res.stderr
 
 
@@ -77,12 +80,14 @@ def test_ppo_and_grpo_under_configs_they_do_not_support():
     assert any("FSDP" in m for _, m in found)
 
 
-def test_plan_table_and_json_show_launch_and_global_batch(tmp_path, tiny_llama):
+def test_plan_table_and_json_show_launch_and_global_batch(tmp_path, tiny_llama, capsys):
     path = write_recipe(tmp_path, sft_recipe(tmp_path, tiny_llama))
-    res = align("plan", str(path), "--accelerate-config", "multi_cpu", "--num-processes", "2")
+    res = align_in_process("plan", str(path), "--accelerate-config", "multi_cpu", "--num-processes", "2", capsys=capsys)
     assert res.returncode == 0, res.stderr
     assert "launch multi_cpu x2, global batch 8 (4 per process x 1 accumulation x 2 processes)" in res.stdout
-    res = align("plan", str(path), "--accelerate-config", "deepspeed_zero3", "--num-processes", "2", "--json")
+    res = align_in_process(
+        "plan", str(path), "--accelerate-config", "deepspeed_zero3", "--num-processes", "2", "--json", capsys=capsys
+    )
     plan = json.loads(res.stdout)
     sft = plan["stages"][0]
     assert sft["launch"]["zero_stage"] == 3 and sft["launch"]["num_processes"] == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import align, write_recipe
+from conftest import align_in_process, write_recipe
 
 from align.memory import GiB, StageMemoryInput, estimate, fixes, model_shape, parse_size, trainable
 from align.stages.registry import BY_NAME
@@ -148,7 +148,7 @@ def test_embedded_gguf_header_gives_smollm2_dims():
     assert s.tie_word_embeddings and 134_000_000 < s.n_params < 135_000_000
 
 
-def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path):
+def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path, capsys):
     """A model folder with only config.json (no weights): `align plan --gpus --gpu-memory` estimates it."""
     model = tmp_path / "llama8b"
     model.mkdir()
@@ -165,10 +165,20 @@ def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path):
         tmp_path,
         {"name": "big", "model": str(model), "datasets": {"d": {"path": str(tmp_path / "d.jsonl")}}, "stages": [sft]},
     )
-    res = align("plan", str(path), "--gpus", "8", "--accelerate-config", "deepspeed_zero2", "--gpu-memory", "80GB")
+    res = align_in_process(
+        "plan",
+        str(path),
+        "--gpus",
+        "8",
+        "--accelerate-config",
+        "deepspeed_zero2",
+        "--gpu-memory",
+        "80GB",
+        capsys=capsys,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "stages.sft: needs" in res.stderr and "cheapest fixes: turn on activation checkpointing" in res.stderr
-    res = align(
+    res = align_in_process(
         "plan",
         str(path),
         "--gpus",
@@ -177,6 +187,7 @@ def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path):
         "deepspeed_zero3",
         "--json",
         "stages.sft.train.activation_checkpointing=true",
+        capsys=capsys,
     )
     assert res.returncode == 0, res.stderr
     mem = json.loads(res.stdout)["stages"][0]["memory"]
@@ -193,7 +204,7 @@ def test_plan_estimates_from_config_alone_and_fails_what_does_not_fit(tmp_path):
         ),
     )
     assert mem["bytes_per_gpu"] == want and mem["n_gpus"] == 8 and mem["sharding"] == "zero3"
-    one = align("plan", str(path), "--gpus", "1", "--json")
+    one = align_in_process("plan", str(path), "--gpus", "1", "--json", capsys=capsys)
     assert json.loads(one.stdout)["stages"][0]["memory"]["bytes_per_gpu"]["weights"] == 8 * want["weights"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -19,19 +18,10 @@ IDS = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 3]])
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_llama) -> Path:
-    """A real run: LoRA SFT, DoRA SFT on the base, a LoRA SFT on top of the first one, and an eval stage."""
-    tmp = tmp_path_factory.mktemp("merge")
-    recipe = sft_recipe(tmp, tiny_llama)
-    sft, ppl = recipe["stages"]
-    sft["train"].update(max_steps=4, learning_rate=3e-2, save_steps=100)
-    dora = copy.deepcopy(sft) | {"name": "dora", "from": "base", "adapter": {"type": "dora", "r": 4, "alpha": 8}}
-    stacked = copy.deepcopy(sft) | {"name": "sft2", "from": "sft"}
-    stacked["train"]["max_steps"] = 2
-    recipe["stages"] = [sft, dora, stacked, ppl]
-    res = align("run", str(write_recipe(tmp, recipe)))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return tmp / "runs" / "tiny"
+def run(adapters_run) -> Path:
+    """A real run (conftest.adapters_run, shared with test_hub.py): LoRA SFT, DoRA SFT on the base, a LoRA SFT on
+    top of the first one, a reward model and an eval stage."""
+    return adapters_run
 
 
 def stage_artifact(stage: Path) -> dict:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import align, run_then_kill, sft_recipe, write_jsonl, write_recipe
+from conftest import align, align_in_process, run_then_kill, sft_recipe, write_jsonl, write_recipe
 
 SFT_FILES = {
     "stage.json",
@@ -85,14 +85,14 @@ def test_sft_learns(finished):
     assert "held/perplexity" in res.stdout and "loss" in res.stdout  # the closing summary
 
 
-def test_second_run_skips_everything(finished):
+def test_second_run_skips_everything(finished, capsys):
     tmp, path, _ = finished
     before = (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime
     res = align("run", str(path))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "sft: done, skipped" in res.stdout and "ppl: done, skipped" in res.stdout
     assert (tmp / "runs" / "tiny" / "sft" / "stage.json").stat().st_mtime == before
-    plan = align("plan", str(path))
+    plan = align_in_process("plan", str(path), capsys=capsys)
     assert "2 of 2 stages done" in plan.stdout
 
 
@@ -117,7 +117,7 @@ def test_force_reruns_stage_and_downstream(finished):
     assert "were not passed to `accelerate launch`" not in res.stderr  # its defaults are passed, said out loud
 
 
-def test_kill_during_sft_then_resume(tmp_path, tiny_llama):
+def test_kill_during_sft_then_resume(tmp_path, tiny_llama, capsys):
     recipe = sft_recipe(tmp_path, tiny_llama)
     recipe["stages"] = recipe["stages"][:1]
     recipe["stages"][0]["train"].update(max_steps=60, save_steps=3)
@@ -127,7 +127,7 @@ def test_kill_during_sft_then_resume(tmp_path, tiny_llama):
     kept = sorted(int(c.name.split("-")[1]) for c in ck_dir.glob("checkpoint-*"))
     assert kept, "no checkpoint was written before the kill"
     assert not (tmp_path / "runs" / "tiny" / "sft" / "stage.json").exists()
-    assert "resumable" in align("plan", str(path)).stdout
+    assert "resumable" in align_in_process("plan", str(path), capsys=capsys).stdout
     res = align("run", str(path))
     assert res.returncode == 0, res.stderr[-3000:]
     m = stage_json(tmp_path / "runs" / "tiny", "sft")["metrics"]
@@ -255,7 +255,7 @@ def test_hub_dataset_without_network_fails_fast(tmp_path, tiny_llama):
     assert "sft: running" not in res.stdout
 
 
-def test_ctrl_c_checkpoints_and_resumes(tmp_path, tiny_llama):
+def test_ctrl_c_checkpoints_and_resumes(tmp_path, tiny_llama, capsys):
     """SIGINT to `align run` (as Ctrl-C sends) under a real accelerate launch: exit 130, resumable state."""
     recipe = sft_recipe(tmp_path, tiny_llama, launch={"mode": "accelerate", "accelerate_config": "cpu"})
     recipe["stages"] = recipe["stages"][:1]
@@ -275,7 +275,7 @@ def test_ctrl_c_checkpoints_and_resumes(tmp_path, tiny_llama):
     assert proc.returncode == 130, out[-3000:]
     cks = list((tmp_path / "runs" / "tiny" / ".partial" / "sft" / "checkpoints").glob("checkpoint-*"))
     assert cks and all((c / "trainer_state.json").is_file() for c in cks), "Ctrl-C saves a checkpoint"
-    assert "resumable" in align("plan", str(path)).stdout
+    assert "resumable" in align_in_process("plan", str(path), capsys=capsys).stdout
 
 
 def test_eval_stage_with_a_task_file_and_the_gate(tmp_path, tiny_llama, capsys):
@@ -361,7 +361,7 @@ def test_align_eval_standalone_on_a_model_and_a_run(finished, tmp_path, capsys):
     assert "passed, 0 regressed" in capsys.readouterr().out
 
 
-def test_a_moved_run_stays_done_and_loads(tmp_path, tiny_llama):
+def test_a_moved_run_stays_done_and_loads(tmp_path, tiny_llama, monkeypatch, capsys):
     """`mv` of a whole project (recipe, data, runs): every stage plans as done, a re-run skips, and the eval
     stage forced to re-run loads the moved adapter with the old folder gone."""
     import shutil
@@ -377,7 +377,8 @@ def test_a_moved_run_stays_done_and_loads(tmp_path, tiny_llama):
     new.parent.mkdir()
     shutil.move(str(old), str(new))
     assert not old.exists()
-    plan = align("plan", "recipe.yaml", cwd=new)
+    monkeypatch.chdir(new)
+    plan = align_in_process("plan", "recipe.yaml", capsys=capsys)
     assert plan.returncode == 0 and "2 of 2 stages done" in plan.stdout, plan.stdout
     again = align("run", "recipe.yaml", cwd=new)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 2, again.stdout

@@ -1,4 +1,5 @@
-"""The `ppo` stage in a recipe: SFT -> reward -> PPO -> eval on a tiny model, skip on re-run, kill and resume."""
+"""The `ppo` stage in a recipe: PPO in the shared tiny chain (conftest.rl_chain: SFT -> reward -> DPO -> PPO ->
+eval; its skip on a re-run is checked in test_preference_stages.py), kill and resume."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import yaml
 from conftest import align, run_then_kill, write_recipe
-from test_preference_stages import PY, REWARD, SFT, TRAIN, chain_recipe
+from test_preference_stages import PY, chain_recipe
 
 PPO_TRAIN = {
     "max_steps": 4,
@@ -31,18 +32,8 @@ STEP_KEYS = {"reward_mean", "kl", "entropy", "clipfrac", "value_loss", "approx_k
 
 
 @pytest.fixture(scope="module")
-def rlhf(tmp_path_factory, tiny_llama):
-    tmp = tmp_path_factory.mktemp("rlhf")
-    stages = [
-        SFT,
-        {**REWARD, "train": {**TRAIN, "max_steps": 2}},
-        {**PPO, "train": {**PPO_TRAIN, "report_to": "tensorboard"}},  # align's own loop logs to trackers too
-        {"name": "eval", "type": "eval", "targets": ["base", "sft", "ppo"], "tasks": [{"data": "sft"}]},
-    ]
-    path = write_recipe(tmp, chain_recipe(tmp, tiny_llama, stages))
-    res = align("run", str(path))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return tmp, path
+def rlhf(rl_chain):
+    return rl_chain
 
 
 def test_ppo_runs_in_the_chain_and_logs_every_step(rlhf) -> None:
@@ -50,14 +41,14 @@ def test_ppo_runs_in_the_chain_and_logs_every_step(rlhf) -> None:
     run = tmp / "runs" / "chain"
     info = json.loads((run / "ppo" / "stage.json").read_text())
     assert info["output"]["kind"] == "adapter" and (run / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
-    assert isinstance(info["output"]["base"], dict)  # the SFT adapter it started from
+    assert isinstance(info["output"]["base"], dict)  # the DPO adapter (on the SFT one) it started from
     m = info["metrics"]
     assert m["steps"] == 4 and math.isfinite(m["reward_last"]) and math.isfinite(m["kl_last"])
     log = [json.loads(x) for x in (run / "ppo" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(set(r) >= STEP_KEYS for r in log)
     inputs = json.loads((run / "ppo" / "inputs.json").read_text())
-    assert {"sft", "rm"} <= set(inputs)  # policy and reward model, with their hashes
+    assert {"dpo", "rm"} <= set(inputs)  # policy and reward model, with their hashes
     ev = json.loads((run / "eval" / "stage.json").read_text())["metrics"]
     assert "ppo/sft/perplexity" in ev
     from test_console import scalar_tags
@@ -65,12 +56,6 @@ def test_ppo_runs_in_the_chain_and_logs_every_step(rlhf) -> None:
     logged = scalar_tags(run / "tensorboard" / "ppo")  # one run group per recipe run, the stage as the run
     assert logged["reward_mean"] == pytest.approx([r["reward_mean"] for r in log], rel=1e-6)  # float32 there
     assert len(logged["kl"]) == 4
-
-
-def test_rlhf_second_run_skips_everything(rlhf) -> None:
-    _, path = rlhf
-    res = align("run", str(path))
-    assert res.returncode == 0 and res.stdout.count("done, skipped") == 4, res.stdout
 
 
 def test_kill_during_ppo_then_resume(tmp_path, tiny_llama) -> None:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import align, alpaca_rows, write_jsonl, write_recipe
+from conftest import align, align_in_process, alpaca_rows, write_jsonl, write_recipe
 
 from align.cli import main
 from align.data import hh_messages, hh_split, preference_row, prompt_of
@@ -165,9 +165,11 @@ def test_ppo_rejects_reward_model_with_another_tokenizer(tmp_path, tiny_llama, t
     assert "tokenizer" in err and "stages[1](ppo).reward" in err, err
 
 
-def test_plan_shows_the_hand_off(tmp_path, tiny_llama) -> None:
+def test_plan_shows_the_hand_off(tmp_path, tiny_llama, capsys) -> None:
     stages = [SFT, REWARD, DPO, {"name": "ppo", "type": "ppo", "data": "prompts", "from": "sft"}]
-    res = align("plan", str(write_recipe(tmp_path, chain_recipe(tmp_path, tiny_llama, stages))))
+    res = align_in_process(
+        "plan", str(write_recipe(tmp_path, chain_recipe(tmp_path, tiny_llama, stages))), capsys=capsys
+    )
     assert res.returncode == 0, res.stderr
     lines = {ln.split()[1]: ln for ln in res.stdout.splitlines() if ln[:1].isdigit()}
     assert " sft " in lines["rm"] and " sft " in lines["dpo"]  # reward model and DPO start from the SFT output
@@ -178,18 +180,9 @@ def test_plan_shows_the_hand_off(tmp_path, tiny_llama) -> None:
 
 
 @pytest.fixture(scope="module")
-def chained(tmp_path_factory, tiny_llama):
-    tmp = tmp_path_factory.mktemp("chain")
-    stages = [
-        SFT,
-        REWARD,
-        DPO,
-        {"name": "eval", "type": "eval", "targets": ["base", "sft", "dpo"], "tasks": [{"data": "sft"}]},
-    ]
-    path = write_recipe(tmp, chain_recipe(tmp, tiny_llama, stages))
-    res = align("run", str(path))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return tmp, path
+def chained(rl_chain):
+    """The shared tiny chain (conftest.rl_chain): SFT -> reward -> DPO -> PPO -> eval."""
+    return rl_chain
 
 
 def stage_info(tmp: Path, name: str) -> dict:
@@ -230,7 +223,7 @@ def test_chain_second_run_skips_everything(chained) -> None:
     tmp, path = chained
     res = align("run", str(path))
     assert res.returncode == 0
-    assert res.stdout.count("done, skipped") == 4, res.stdout
+    assert res.stdout.count("done, skipped") == 5, res.stdout
 
 
 @pytest.mark.parametrize("kind", ["kto", "orpo"])

@@ -7,7 +7,7 @@ import re
 import shlex
 
 import pytest
-from conftest import ROOT, align
+from conftest import ROOT, align, align_in_process
 
 
 def readme_commands() -> list[str]:
@@ -24,12 +24,13 @@ def test_the_two_commands_come_first_and_exist():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_plan_commands_run(tmp_path, mmlu_cwd):
+def test_readme_plan_commands_run(tmp_path, mmlu_cwd, monkeypatch, capsys):
     plans = [c for c in readme_commands() if c.startswith("align plan")]
     assert plans
-    for cmd in plans:
+    monkeypatch.chdir(mmlu_cwd)
+    for cmd in plans:  # through the CLI's main(): a fresh process for each cost seconds of imports
         args = [str(ROOT / a) if a.startswith("recipes/") else a for a in shlex.split(cmd)[1:]]
-        res = align(*args, f"output_dir={tmp_path}", cwd=mmlu_cwd)
+        res = align_in_process(*args, f"output_dir={tmp_path}", capsys=capsys)
         assert res.returncode == 0, res.stderr
 
 

@@ -10,10 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import align, write_recipe
 from huggingface_hub import ModelCard
-from test_ppo_stage import PPO
-from test_preference_stages import DPO, REWARD, SFT, TRAIN, chain_recipe
 
 from align.card import build_card
 from align.errors import AlignError
@@ -25,21 +22,9 @@ ABS_PATH = re.compile(r"(?<![\w.:/~>-])(?:~|[A-Za-z]:)?/(?:[\w.+-]+/)*[\w.+-]+")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_llama) -> Path:
-    """One real run; the tests that edit it work on copies."""
-    tmp = tmp_path_factory.mktemp("report")
-    base = tmp / "tiny-llama"  # beside the runs, so a copy of the whole folder keeps the base's relative path
-    shutil.copytree(tiny_llama, base)
-    stages = [
-        {**SFT, "merge": True},
-        {**REWARD, "train": {**TRAIN, "max_steps": 2}},
-        DPO,
-        {**PPO, "train": {**PPO["train"], "max_steps": 2}},
-        {"name": "eval", "type": "eval", "targets": ["base", "sft", "dpo", "ppo"], "tasks": [{"data": "sft"}]},
-    ]
-    res = align("run", str(write_recipe(tmp, chain_recipe(tmp, base, stages))))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return tmp / "runs" / "chain"
+def run(rl_chain) -> Path:
+    """The shared real run (conftest.rl_chain); the tests that edit it work on copies."""
+    return rl_chain[0] / "runs" / "chain"
 
 
 def copy_run(run: Path, dest: Path) -> Path:
